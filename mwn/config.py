@@ -1,0 +1,114 @@
+"""The typed schema of the Hydra config, and the checks of values that types cannot express.
+
+The values themselves live in `conf/` (one source of truth); this schema only gives each key a
+type, so that a misspelt key or a wrong type fails at start-up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A setting with a value outside what is allowed; the message names both."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # digits | fashion_mnist | cifar10 | cifar100
+    mean: list[float] = MISSING  # per channel, pixel scale 0..1
+    std: list[float] = MISSING
+    crop_padding: int = MISSING  # random crop with this zero padding (pixels); 0 = none
+    flip: bool = MISSING  # random horizontal flip
+
+
+@dataclass
+class ModelConfig:
+    arch: str = MISSING  # resnet (CIFAR ResNet, depth = 6n + 2)
+    depth: int = MISSING
+    width: int = MISSING  # channels of the first stage; doubled at each of the next two
+
+
+@dataclass
+class DeviceConfig:
+    name: str = MISSING  # auto | cpu | cuda | mps
+
+
+@dataclass
+class DataConfig:
+    root: str = MISSING  # folder of downloaded datasets, relative to the launch directory
+    download: bool = MISSING
+
+
+@dataclass
+class Config:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: str = MISSING
+    seed: int = MISSING
+    imbalance: float = MISSING
+    meta_per_class: int = MISSING
+    train_iters: int = MISSING
+    batch_size: int = MISSING
+    meta_batch_size: int = MISSING
+    lr: float = MISSING
+    lr_milestones: list[int] = MISSING
+    lr_gamma: float = MISSING
+    momentum: float = MISSING
+    nesterov: bool = MISSING
+    weight_decay: float = MISSING
+    meta_lr: float = MISSING
+    meta_weight_decay: float = MISSING
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    normalize_weights: bool = MISSING
+    rollback: bool = MISSING
+    fp16: bool = MISSING
+    val_every: int = MISSING
+    log_every: int = MISSING
+    eval_batch_size: int = MISSING
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name="mwn_schema", node=Config)
+
+
+METHODS = ("mwn", "erm")
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ConfigError naming the first setting whose value is not allowed."""
+
+    def need(ok: bool, key: str, allowed: str) -> None:
+        if not ok:
+            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: allowed values are {allowed}")
+
+    need(cfg.method in METHODS, "method", " | ".join(METHODS))
+    need(cfg.device.name in DEVICES, "device.name", " | ".join(DEVICES))
+    need(cfg.imbalance >= 1, "imbalance", "real numbers >= 1")
+    for key in (
+        "train_iters",
+        "batch_size",
+        "meta_batch_size",
+        "meta_per_class",
+        "hidden_size",
+        "num_layers",
+        "val_every",
+        "log_every",
+        "eval_batch_size",
+    ):
+        need(OmegaConf.select(cfg, key) >= 1, key, "integers >= 1")
+    for key in ("lr", "meta_lr"):
+        need(OmegaConf.select(cfg, key) > 0, key, "real numbers > 0")
+    for key in ("weight_decay", "meta_weight_decay", "momentum"):
+        need(OmegaConf.select(cfg, key) >= 0, key, "real numbers >= 0")
+    need(0 < cfg.lr_gamma <= 1, "lr_gamma", "real numbers in (0, 1]")
+    need(all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", "lists of iterations >= 1")
+    need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
+    need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")

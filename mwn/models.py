@@ -1,0 +1,97 @@
+"""Models, held as stateless modules: the CIFAR ResNet (ResNet32 and its smaller siblings) and
+the meta-net MLP that maps a sample's loss to its weight.
+
+Parameters and buffers live outside the modules, in dicts that `torch.func.functional_call`
+passes in; `extract_state` takes them out once at start-up.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Tensors = dict[str, torch.Tensor]
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm; option-A shortcut (subsample, zero-pad channels)."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.stride, self.pad = stride, out_ch - in_ch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        if self.pad:  # option A: no parameters, the extra channels are zeros
+            half = self.pad // 2
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, half, self.pad - half))
+        return F.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    """CIFAR ResNet of He et al. (2016): depth = 6n + 2, stages of n blocks at width w, 2w, 4w."""
+
+    def __init__(self, num_classes: int, depth: int = 32, width: int = 16, in_channels: int = 3):
+        super().__init__()
+        if depth < 8 or (depth - 2) % 6:
+            raise ValueError(f"model.depth={depth}: a CIFAR ResNet needs depth = 6n + 2 >= 8")
+        n = (depth - 2) // 6
+        self.conv = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        blocks, ch = [], width
+        for stage, stride in enumerate((1, 2, 2)):
+            out = width * 2**stage
+            for i in range(n):
+                blocks.append(BasicBlock(ch, out, stride if i == 0 else 1))
+                ch = out
+        self.blocks = nn.Sequential(*blocks)
+        self.fc = nn.Linear(ch, num_classes)
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.kaiming_normal_(m.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.blocks(x)
+        return self.fc(x.mean(dim=(2, 3)))  # global average pool: (B, C)
+
+
+class MetaNet(nn.Module):
+    """Loss -> weight: 1 -> hidden_size (x num_layers, ReLU) -> 1, sigmoid. Input is (B,)."""
+
+    def __init__(self, hidden_size: int = 100, num_layers: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = 1
+        for _ in range(num_layers):
+            layers += [nn.Linear(width, hidden_size), nn.ReLU()]
+            width = hidden_size
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, loss: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(loss.unsqueeze(-1))).squeeze(-1)  # (B,)
+
+
+def build_classifier(arch: str, num_classes: int, in_channels: int, depth: int, width: int):
+    if arch != "resnet":
+        raise ValueError(f"model.arch={arch!r}: allowed values are 'resnet'")
+    return ResNet(num_classes, depth=depth, width=width, in_channels=in_channels)
+
+
+def extract_state(module: nn.Module) -> tuple[Tensors, Tensors]:
+    """The module's parameters and buffers as plain dicts of detached tensors."""
+    params = {k: v.detach().clone() for k, v in module.named_parameters()}
+    buffers = {k: v.detach().clone() for k, v in module.named_buffers()}
+    return params, buffers
+
+
+def count_params(params: Tensors) -> int:
+    return sum(p.numel() for p in params.values())

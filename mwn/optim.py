@@ -1,0 +1,76 @@
+"""Functional optimisers over dicts of tensors, with PyTorch's update rules.
+
+Each `*_step(params, grads, state, ...)` returns new `(params, state)` and never writes in place,
+so the same step serves the real update and the differentiable lookahead.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Tensors = dict[str, torch.Tensor]
+
+
+def sgd_init(params: Tensors) -> Tensors:
+    """Momentum buffers, zero: with dampening 0, PyTorch's first buffer equals the first step."""
+    return {k: torch.zeros_like(p) for k, p in params.items()}
+
+
+def sgd_step(
+    params: Tensors,
+    grads: Tensors,
+    momentum_buf: Tensors,
+    lr: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+) -> tuple[Tensors, Tensors]:
+    """torch.optim.SGD (dampening 0): d = g + wd*p; buf = m*buf + d; p -= lr*(d + m*buf or buf)."""
+    new_params, new_buf = {}, {}
+    for k, p in params.items():
+        d = grads[k] + weight_decay * p if weight_decay else grads[k]
+        buf = momentum * momentum_buf[k] + d
+        step = d + momentum * buf if nesterov else buf
+        new_params[k], new_buf[k] = p - lr * step, buf
+    return new_params, new_buf
+
+
+def sgd_lookahead_scale(lr: float, momentum: float, nesterov: bool) -> float:
+    """-d(new params)/d(gradient) of the step above: how far a gradient change moves them."""
+    return lr * (1.0 + momentum) if nesterov else lr
+
+
+def adam_init(params: Tensors) -> dict:
+    return {
+        "step": 0,
+        "exp_avg": {k: torch.zeros_like(p) for k, p in params.items()},
+        "exp_avg_sq": {k: torch.zeros_like(p) for k, p in params.items()},
+    }
+
+
+def adam_step(
+    params: Tensors,
+    grads: Tensors,
+    state: dict,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> tuple[Tensors, dict]:
+    """torch.optim.Adam (L2 weight decay added to the gradient, bias-corrected moments)."""
+    b1, b2 = betas
+    t = state["step"] + 1
+    c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+    new_params, m_new, v_new = {}, {}, {}
+    for k, p in params.items():
+        g = grads[k] + weight_decay * p if weight_decay else grads[k]
+        m = b1 * state["exp_avg"][k] + (1.0 - b1) * g
+        v = b2 * state["exp_avg_sq"][k] + (1.0 - b2) * g * g
+        new_params[k] = p - (lr / c1) * m / ((v / c2).sqrt() + eps)
+        m_new[k], v_new[k] = m, v
+    return new_params, {"step": t, "exp_avg": m_new, "exp_avg_sq": v_new}
+
+
+def step_lr(base_lr: float, iteration: int, milestones: list[int], gamma: float) -> float:
+    """Multi-step schedule: base_lr * gamma^(number of milestones passed); 0-based iterations."""
+    return base_lr * gamma ** sum(iteration >= m for m in milestones)

@@ -1,0 +1,209 @@
+"""The entry point: `python -m mwn.train [overrides]` (Hydra).
+
+`train(cfg, out_dir)` builds the data and the state, runs the loop (one `mwn_step` or `erm_step`
+per iteration, validation, logging) and writes `metrics.jsonl` and `summary.json` to out_dir.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig
+
+from mwn.config import ConfigError, check_config, register_schema
+from mwn.data import (
+    DataError,
+    DeviceImages,
+    Sampler,
+    batch_generator,
+    load_dataset,
+    make_long_tail,
+    split_meta,
+)
+from mwn.evaluate import evaluate, shot_accuracy
+from mwn.meta import StepHP, erm_step, mwn_step
+from mwn.models import MetaNet, build_classifier, count_params, extract_state
+from mwn.optim import adam_init, sgd_init, step_lr
+
+log = logging.getLogger(__name__)
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+TRAIN, META, TRAIN_AUG, META_AUG = range(4)  # RNG streams
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: CUDA is not available here; allowed values: auto | cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device=mps: MPS is not available here; allowed values: auto | cpu")
+    return torch.device(name)
+
+
+def train(cfg: DictConfig, out_dir: Path) -> dict:
+    """One run. Writes metrics.jsonl and summary.json into out_dir; returns the summary."""
+    check_config(cfg)
+    device = pick_device(cfg.device.name)
+    if cfg.fp16 and device.type != "cuda":
+        raise ConfigError(f"fp16=true: needs a CUDA device, got {device.type}; allowed: false")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # data: meta split out of the training split, then the long tail, all on the device
+    images = load_dataset(cfg.dataset.name, to_absolute_path(cfg.data.root), cfg.data.download)
+    C = images.num_classes
+    meta_idx, pool = split_meta(images.train_y, C, cfg.meta_per_class, cfg.seed)
+    train_idx, counts = make_long_tail(images.train_y, pool, C, cfg.imbalance, cfg.seed)
+    norm = (list(cfg.dataset.mean), list(cfg.dataset.std), device)
+    train_set = DeviceImages(images.train_x[train_idx], images.train_y[train_idx], *norm)
+    meta_set = DeviceImages(images.train_x[meta_idx], images.train_y[meta_idx], *norm)
+    test_set = DeviceImages(images.test_x, images.test_y, *norm)
+    log.info(
+        "%s: %d train (per class %s), %d meta, %d test; device %s",
+        images.name,
+        len(train_set),
+        counts,
+        len(meta_set),
+        len(test_set),
+        device,
+    )
+
+    # models and explicit state
+    torch.manual_seed(cfg.seed)
+    m = cfg.model
+    model = build_classifier(m.arch, C, images.train_x.shape[1], m.depth, m.width).to(device)
+    meta_net = MetaNet(cfg.hidden_size, cfg.num_layers).to(device)
+    params, buffers = extract_state(model)
+    meta_params, _ = extract_state(meta_net)
+    state = {
+        "params": params,
+        "buffers": buffers,
+        "momentum": sgd_init(params),
+        "meta_params": meta_params,
+        "meta_opt": adam_init(meta_params),
+    }
+    hp = StepHP(
+        cfg.momentum,
+        cfg.weight_decay,
+        cfg.nesterov,
+        cfg.meta_lr,
+        cfg.meta_weight_decay,
+        cfg.normalize_weights,
+        cfg.rollback,
+    )
+    step = mwn_step if cfg.method == "mwn" else erm_step
+    log.info(
+        "%s: %s-%d, %d parameters; meta-net %d parameters",
+        cfg.method,
+        m.arch,
+        m.depth,
+        count_params(params),
+        count_params(meta_params),
+    )
+
+    train_batches = Sampler(len(train_set), cfg.batch_size, cfg.seed, TRAIN, "batch_size")
+    meta_batches = Sampler(len(meta_set), cfg.meta_batch_size, cfg.seed, META, "meta_batch_size")
+    aug = (cfg.dataset.crop_padding, cfg.dataset.flip)
+    best, history = {"acc": -1.0}, []
+    with open(out_dir / "metrics.jsonl", "w") as metrics_file:
+        for it in range(cfg.train_iters):
+            # learning rate and batches (seeded by iteration: replayable)
+            lr = step_lr(cfg.lr, it, cfg.lr_milestones, cfg.lr_gamma)
+            batch = train_set.batch(
+                train_batches.indices(it), *aug, batch_generator(cfg.seed, TRAIN_AUG, it, device)
+            )
+            meta_batch = None
+            if cfg.method == "mwn":
+                meta_batch = meta_set.batch(
+                    meta_batches.indices(it), *aug, batch_generator(cfg.seed, META_AUG, it, device)
+                )
+            # one iteration: weights, lookahead, meta-gradient, meta update, classifier update
+            state, metrics = step(model, meta_net, state, batch, meta_batch, lr, hp)
+
+            # validation and logging
+            done = it + 1
+            validate = done % cfg.val_every == 0 or done == cfg.train_iters
+            if done % cfg.log_every and not validate:
+                continue
+            record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
+            if validate:
+                ev = evaluate(
+                    model, state["params"], state["buffers"], test_set, C, cfg.eval_batch_size
+                )
+                ev.update(shot_accuracy(ev["per_class_acc"], counts))
+                record["test_acc"] = ev["acc"]
+                history.append((done, ev["acc"]))
+                if ev["acc"] > best["acc"]:
+                    best = {**ev, "iter": done}
+                log.info(
+                    "iter %d  loss %.4f  %s test acc %.2f (best %.2f)",
+                    done,
+                    record["loss"],
+                    f"meta loss {record['meta_loss']:.4f}  " if "meta_loss" in record else "",
+                    ev["acc"],
+                    best["acc"],
+                )
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+
+    summary = {
+        "dataset": images.name,
+        "method": cfg.method,
+        "imbalance": cfg.imbalance,
+        "seed": cfg.seed,
+        "final_acc": ev["acc"],
+        "best_acc": best["acc"],
+        "best_iter": best["iter"],
+        "final_per_class_acc": ev["per_class_acc"],
+        **{f"final_{k}": ev[k] for k in ("many_acc", "medium_acc", "few_acc")},
+        **{f"best_{k}": best[k] for k in ("many_acc", "medium_acc", "few_acc")},
+        "train_class_counts": counts,
+        "meta_size": len(meta_set),
+        "test_size": len(test_set),
+        "iterations": cfg.train_iters,
+        "wall_time_s": time.perf_counter() - t_start,
+        "device": str(device),
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def result_line(summary: dict) -> str:
+    return (
+        f"IF {summary['imbalance']:g} || Best Acc.: {summary['best_acc']:.2f} || "
+        f"Final Acc.: {summary['final_acc']:.2f}"
+    )
+
+
+register_schema()
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        summary = train(cfg, out_dir)
+    except (ConfigError, DataError) as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a sweep reports the job as failed and goes on with the others
+        print(f"mwn: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(result_line(summary), flush=True)
+    return summary["final_acc"]
+
+
+if __name__ == "__main__":
+    main()

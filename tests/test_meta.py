@@ -1,0 +1,195 @@
+"""Exactness of the meta-gradient and of one iteration, in float64 against brute force."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mwn.meta import (
+    StepHP,
+    erm_step,
+    exact_meta_grad,
+    mean_loss,
+    meta_grad_double_backward,
+    mwn_step,
+    per_sample_loss,
+    sample_weights,
+)
+from mwn.models import MetaNet, ResNet, extract_state
+from mwn.optim import adam_init, adam_step, sgd_init, sgd_step
+
+LR = 0.3
+VARIANTS = {
+    "sgd": StepHP(momentum=0.0, weight_decay=0.0),
+    "sgd+wd": StepHP(momentum=0.0, weight_decay=5e-3),
+    "momentum+wd": StepHP(momentum=0.9, weight_decay=5e-3),
+    "nesterov+wd": StepHP(momentum=0.9, weight_decay=5e-3, nesterov=True),
+    "nesterov+normalized": StepHP(
+        momentum=0.9, weight_decay=5e-3, nesterov=True, normalize_weights=True
+    ),
+}
+
+
+def setup(seed=0, hidden=7):
+    """A small ResNet with BatchNorm, a meta-net, non-trivial state and batches, in float64."""
+    torch.manual_seed(seed)
+    model = ResNet(5, depth=8, width=4, in_channels=1).double()
+    meta_net = MetaNet(hidden).double()
+    params, buffers = extract_state(model)
+    meta_params, _ = extract_state(meta_net)
+    buffers = {
+        k: (v + 0.1 * torch.rand_like(v)) if v.is_floating_point() else v
+        for k, v in buffers.items()
+    }
+    state = {
+        "params": params,
+        "buffers": buffers,
+        "momentum": {k: 0.1 * torch.randn_like(v) for k, v in params.items()},  # mid-training
+        "meta_params": meta_params,
+        "meta_opt": adam_init(meta_params),
+    }
+    batch = (torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,)))
+    meta_batch = (torch.randn(5, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (5,)))
+    return model, meta_net, state, batch, meta_batch
+
+
+def lookahead_meta_loss(model, meta_net, state, batch, meta_batch, hp, theta):
+    """Meta loss at w'(theta), forward only: the function whose gradient we claim."""
+    losses, _ = per_sample_loss(model, state["params"], state["buffers"], *batch)
+    weights = sample_weights(meta_net, theta, losses, hp.normalize_weights).detach()
+    g = torch.func.grad(
+        lambda p: (weights * per_sample_loss(model, p, state["buffers"], *batch)[0]).mean()
+    )(state["params"])
+    ahead, _ = sgd_step(
+        state["params"], g, state["momentum"], LR, hp.momentum, hp.weight_decay, hp.nesterov
+    )
+    return mean_loss(model, ahead, state["buffers"], *meta_batch)
+
+
+def rel_err(a: dict, b: dict) -> float:
+    num = sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
+    return float(num / sum((b[k] ** 2).sum() for k in b) ** 0.5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_meta_gradient_equals_autodiff_through_the_unrolled_step(variant):
+    hp = VARIANTS[variant]
+    model, meta_net, state, batch, meta_batch = setup()
+    ours = exact_meta_grad(model, meta_net, state, batch, meta_batch, LR, hp)
+    ref, ref_meta_loss = meta_grad_double_backward(
+        model, meta_net, state, batch, meta_batch, LR, hp
+    )
+    assert rel_err(ours["meta_grad"], ref) < 1e-9
+    assert float(ref["net.2.weight"].norm()) > 1e-6  # a non-trivial gradient was compared
+    torch.testing.assert_close(ours["meta_loss"], ref_meta_loss, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("variant", ["momentum+wd", "nesterov+normalized"])
+def test_meta_gradient_agrees_with_central_finite_differences(variant):
+    hp = VARIANTS[variant]
+    model, meta_net, state, batch, meta_batch = setup(seed=1)
+    grad = exact_meta_grad(model, meta_net, state, batch, meta_batch, LR, hp)["meta_grad"]
+    theta = state["meta_params"]
+    gen = torch.Generator().manual_seed(0)
+    eps = 1e-5
+    for _ in range(3):
+        d = {k: torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in theta.items()}
+
+        def f(s, d=d):
+            shifted = {k: theta[k] + s * eps * d[k] for k in theta}
+            return lookahead_meta_loss(model, meta_net, state, batch, meta_batch, hp, shifted)
+
+        fd = (f(1.0) - f(-1.0)) / (2 * eps)
+        analytic = sum((grad[k] * d[k]).sum() for k in theta)
+        assert abs(float(fd - analytic)) <= 1e-6 * abs(float(analytic)) + 1e-10
+
+
+def test_a_wrong_lookahead_scale_is_caught():
+    """The brute-force comparison is sharp enough to see Nesterov's (1 + momentum) factor."""
+    model, meta_net, state, batch, meta_batch = setup()
+    ours = exact_meta_grad(
+        model, meta_net, state, batch, meta_batch, LR, StepHP(momentum=0.9, nesterov=False)
+    )
+    ref, _ = meta_grad_double_backward(
+        model, meta_net, state, batch, meta_batch, LR, StepHP(momentum=0.9, nesterov=True)
+    )
+    assert rel_err(ours["meta_grad"], ref) > 0.1
+
+
+@pytest.mark.parametrize("rollback", [True, False])
+def test_one_iteration_equals_brute_force(rollback):
+    hp = StepHP(
+        momentum=0.9,
+        weight_decay=5e-3,
+        nesterov=True,
+        meta_lr=1e-2,
+        meta_weight_decay=1e-4,
+        rollback=rollback,
+    )
+    model, meta_net, state, batch, meta_batch = setup()
+    new, metrics = mwn_step(model, meta_net, state, batch, meta_batch, LR, hp)
+
+    # brute force: meta update from autodiff through the unrolled step, then the real step
+    g_theta, meta_loss = meta_grad_double_backward(
+        model, meta_net, state, batch, meta_batch, LR, hp
+    )
+    theta, _ = adam_step(
+        state["meta_params"],
+        g_theta,
+        state["meta_opt"],
+        hp.meta_lr,
+        weight_decay=hp.meta_weight_decay,
+    )
+    losses, buffers = per_sample_loss(model, state["params"], state["buffers"], *batch)
+    step_theta = theta if rollback else state["meta_params"]
+    weights = sample_weights(meta_net, step_theta, losses, False).detach()
+    g = torch.func.grad(
+        lambda p: (weights * per_sample_loss(model, p, state["buffers"], *batch)[0]).mean()
+    )(state["params"])
+    params, momentum = sgd_step(
+        state["params"], g, state["momentum"], LR, hp.momentum, hp.weight_decay, hp.nesterov
+    )
+
+    assert rel_err(new["meta_params"], theta) < 1e-12
+    assert rel_err(new["params"], params) < 1e-12
+    assert rel_err(new["momentum"], momentum) < 1e-12
+    assert new["meta_opt"]["step"] == 1
+    torch.testing.assert_close(metrics["meta_loss"], meta_loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(metrics["mean_weight"], weights.mean(), rtol=1e-12, atol=0)
+    # BatchNorm running stats moved exactly once, by the train batch
+    for k in buffers:
+        assert torch.equal(new["buffers"][k], buffers[k]), k
+
+
+def test_step_never_writes_the_callers_state():
+    model, meta_net, state, batch, meta_batch = setup()
+    before = {
+        k: {n: t.clone() for n, t in state[k].items()}
+        for k in ("params", "buffers", "momentum", "meta_params")
+    }
+    new, _ = mwn_step(model, meta_net, state, batch, meta_batch, LR, StepHP())
+    for group, tensors in before.items():
+        for name, t in tensors.items():
+            assert torch.equal(state[group][name], t), (group, name)
+    bn = "bn.num_batches_tracked"
+    assert int(new["buffers"][bn]) == int(state["buffers"][bn]) + 1
+    assert not torch.equal(new["buffers"]["bn.running_mean"], state["buffers"]["bn.running_mean"])
+
+
+def test_erm_step_equals_torch_training():
+    """The baseline is ordinary training: nn.Module + torch.optim.SGD, BatchNorm stats included."""
+    model, meta_net, state, batch, _ = setup()
+    state["momentum"] = sgd_init(state["params"])
+    hp = StepHP(momentum=0.9, weight_decay=5e-3, nesterov=True)
+    ref = ResNet(5, depth=8, width=4, in_channels=1).double()
+    ref.load_state_dict({**state["params"], **state["buffers"]})
+    opt = torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9, weight_decay=5e-3, nesterov=True)
+    for _ in range(3):
+        state, metrics = erm_step(model, None, state, batch, None, LR, hp)
+        opt.zero_grad()
+        loss = F.cross_entropy(ref(batch[0]), batch[1])
+        loss.backward()
+        opt.step()
+        torch.testing.assert_close(metrics["loss"], loss.detach(), rtol=1e-12, atol=0)
+    for k, v in ref.state_dict().items():
+        got = state["params"].get(k, state["buffers"].get(k))
+        torch.testing.assert_close(got, v, rtol=1e-10, atol=1e-12)
