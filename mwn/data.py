@@ -74,7 +74,11 @@ def load_digits(test_per_class: int = 50) -> ImageSet:
 
 def _read_idx(path: Path) -> np.ndarray:
     """An IDX file (MNIST format), gzipped or not."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # truncated or not gzip
+        raise DataError(f"{path}: unreadable ({type(e).__name__}: {e})") from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
         raise DataError(f"{path}: not an IDX file of unsigned bytes")
     ndim = raw[3]
@@ -233,7 +237,13 @@ def make_long_tail(
     """Subsample `pool` (indices into labels) to the long-tail counts; n_max is the smallest
     class count in the pool. Returns (sorted kept indices, per-class counts)."""
     per_class = [pool[labels[pool] == c] for c in range(num_classes)]
-    counts = long_tail_counts(min(len(p) for p in per_class), num_classes, imbalance)
+    n_max = min(len(p) for p in per_class)
+    counts = long_tail_counts(n_max, num_classes, imbalance)
+    if counts[-1] < 1:
+        raise DataError(
+            f"imbalance={imbalance:g}: leaves the last class with no training image "
+            f"(n_max={n_max}); allowed values are 1 <= imbalance <= {n_max}"
+        )
     g = torch.Generator().manual_seed(seed + 1)
     kept = [p[torch.randperm(len(p), generator=g)[:n]] for p, n in zip(per_class, counts)]
     return torch.cat(kept).sort().values, counts

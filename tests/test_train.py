@@ -1,0 +1,148 @@
+"""The config (through Hydra's compose API), one run end to end, and the real command line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from mwn.config import ConfigError
+from mwn.train import CONF_DIR, result_line, train
+
+from conftest import write_cifar
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["train_iters=6", "val_every=3", "log_every=2", "model.width=4"]
+
+
+def make_cfg(*overrides):
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_defaults_follow_the_reference_and_the_demo_scales_them_down():
+    cifar = make_cfg("dataset=cifar100", "imbalance=50")
+    assert (cifar.dataset.name, cifar.model.depth, cifar.model.width) == ("cifar100", 32, 16)
+    assert cifar.imbalance == 50.0 and cifar.train_iters == 10_000 and cifar.val_every == 100
+    assert list(cifar.lr_milestones) == [5000, 7500, 9000] and cifar.meta_lr == 1e-5
+    assert (cifar.lr, cifar.momentum, cifar.weight_decay, cifar.batch_size) == (0.1, 0.9, 5e-4, 100)
+    assert (cifar.dataset.crop_padding, cifar.dataset.flip, cifar.meta_per_class) == (4, True, 10)
+    assert cifar.rollback and cifar.method == "mwn" and not cifar.fp16
+    demo = make_cfg()
+    assert demo.dataset.name == "digits" and demo.model.depth == 8 and demo.device.name == "auto"
+    assert make_cfg("dataset=digits", "model=resnet32").model.depth == 32  # the user's choice wins
+
+
+@pytest.mark.parametrize(
+    "override,key,value",
+    [("meta_lr=1e-4", "meta_lr", 1e-4), ("hidden_size=200", "hidden_size", 200),
+     ("rollback=false", "rollback", False), ("method=erm", "method", "erm"), ("seed=3", "seed", 3),
+     ("device=cpu", "device.name", "cpu"), ("fp16=true", "fp16", True)],
+)  # fmt: skip
+def test_overrides_work_as_written(override, key, value):
+    assert OmegaConf.select(make_cfg(override), key) == value
+
+
+@pytest.mark.parametrize("override", ["hiden_size=3", "hidden_size=2.5", "rollback=maybe",
+                                      "dataset=svhn", "device=tpu"])  # fmt: skip
+def test_typos_and_wrong_types_fail_at_composition(override):
+    with pytest.raises(ConfigCompositionException):
+        make_cfg(override)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("imbalance=0.5", "imbalance=0.5: allowed values are real numbers >= 1"),
+     ("lr=0", "lr=0.0: allowed values are real numbers > 0"),
+     ("batch_size=0", "batch_size=0: allowed values are integers >= 1"),
+     ("method=l2rw", "method='l2rw': allowed values are mwn | erm"),
+     ("hidden_size=0", "hidden_size=0: allowed values are integers >= 1"),
+     ("fp16=true", "fp16=true: needs a CUDA device")],
+)  # fmt: skip
+def test_bad_values_raise_a_config_error_naming_the_setting(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
+        train(make_cfg("device=cpu", override), tmp_path)
+
+
+def test_a_short_run_writes_metrics_and_summary(tmp_path):
+    summary = train(make_cfg(*FAST), tmp_path)
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in lines] == [2, 3, 4, 6]
+    assert [("test_acc" in r) for r in lines] == [False, True, False, True]
+    assert {"loss", "weighted_loss", "meta_loss", "mean_weight", "lr"} <= set(lines[0])
+    assert summary == json.loads((tmp_path / "summary.json").read_text())
+    assert summary["final_acc"] == lines[-1]["test_acc"]
+    assert summary["best_acc"] == max(r["test_acc"] for r in lines if "test_acc" in r)
+    assert summary["train_class_counts"] == [114, 81, 58, 41, 30, 21, 15, 11, 7, 5]
+    assert (summary["meta_size"], summary["test_size"], summary["iterations"]) == (100, 500, 6)
+    assert len(summary["final_per_class_acc"]) == 10
+    # many (> 100 images): class 0 only; few (< 20): classes 6-9
+    assert summary["final_many_acc"] == summary["final_per_class_acc"][0]
+    assert summary["final_few_acc"] == pytest.approx(sum(summary["final_per_class_acc"][6:]) / 4)
+    assert result_line(summary).startswith("IF 20 || Best Acc.: ")
+
+
+def test_runs_are_deterministic_and_erm_differs(tmp_path):
+    a = train(make_cfg(*FAST), tmp_path / "a")
+    b = train(make_cfg(*FAST), tmp_path / "b")
+    assert (tmp_path / "a/metrics.jsonl").read_text() == (tmp_path / "b/metrics.jsonl").read_text()
+    assert a["final_per_class_acc"] == b["final_per_class_acc"]
+    erm = [json.loads(s) for s in (tmp_path / "a/metrics.jsonl").read_text().splitlines()]
+    train(make_cfg(*FAST, "method=erm"), tmp_path / "erm")
+    lines = [json.loads(s) for s in (tmp_path / "erm/metrics.jsonl").read_text().splitlines()]
+    assert "meta_loss" not in lines[0]
+    # same data, same init: the first logged losses differ only through the weighting
+    assert lines[0]["loss"] != erm[0]["loss"]
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "mwn.train", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def test_cli_runs_the_real_cifar_path_end_to_end(tmp_path):
+    write_cifar(tmp_path / "cifar", "cifar10", per_class=110)
+    out = tmp_path / "run"
+    proc = run_cli("dataset=cifar10", f"data.root={tmp_path / 'cifar'}", "train_iters=2",
+                   "val_every=1", "device=cpu", f"hydra.run.dir={out}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("IF 100 || Best Acc.: ")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "cifar10" and summary["test_size"] == 30
+    assert summary["train_class_counts"] == [100, 59, 35, 21, 12, 7, 4, 2, 1, 1]
+    assert (out / ".hydra" / "config.yaml").is_file() and (out / "train.log").is_file()
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [(["imbalance=0.5"], "mwn: error: imbalance=0.5: allowed values are real numbers >= 1"),
+     (["dataset=cifar10", "data.root=nowhere"], "mwn: error: cifar10 files not found in ")],
+)  # fmt: skip
+def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path, args, message):
+    proc = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_multirun_sweeps_the_grid(tmp_path):
+    proc = run_cli("-m", "meta_lr=1e-5,1e-4", "hidden_size=50,100", "train_iters=2",
+                   "val_every=2", "model.width=4", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    jobs = sorted((tmp_path / "sweep").glob("*/summary.json"))
+    assert len(jobs) == 4
+    seen = set()
+    for job in jobs:
+        cfg = OmegaConf.load(job.parent / ".hydra" / "config.yaml")
+        seen.add((cfg.meta_lr, cfg.hidden_size))
+        assert json.loads(job.read_text())["iterations"] == 2
+    assert seen == {(1e-5, 50), (1e-5, 100), (1e-4, 50), (1e-4, 100)}
