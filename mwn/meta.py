@@ -34,10 +34,22 @@ class StepHP:
     meta_weight_decay: float = 0.0
     normalize_weights: bool = False  # weights * n / sum(weights), as the paper-era MWN scripts
     rollback: bool = True  # redo the classifier step with the updated meta-net (Algorithm 1)
+    fp16: bool = False  # float16 autocast for the classifier, dynamic loss scaling
+
+    def sgd(self, params: Tensors, grads: Tensors, momentum: Tensors, lr: float):
+        """The classifier's optimiser step (the real one and the lookahead are the same rule)."""
+        return sgd_step(
+            params, grads, momentum, lr, self.momentum, self.weight_decay, self.nesterov
+        )
 
 
 def per_sample_loss(
-    model: nn.Module, params: Tensors, buffers: Tensors, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module,
+    params: Tensors,
+    buffers: Tensors,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    fp16: bool = False,
 ) -> tuple[torch.Tensor, Tensors]:
     """Cross-entropy per sample (B,) in training mode, and the BatchNorm buffers it updated.
 
@@ -45,22 +57,27 @@ def per_sample_loss(
     copies: the caller's buffers stay untouched and the updated ones come back explicitly.
     """
     new_buffers = {k: v.clone() for k, v in buffers.items()}
-    logits = functional_call(model, (params, new_buffers), (x,), strict=True)
-    if logits.dtype in (torch.float16, torch.bfloat16):  # mixed precision: the loss in fp32
-        logits = logits.float()
+    with torch.autocast(x.device.type, dtype=torch.float16, enabled=fp16):
+        logits = functional_call(model, (params, new_buffers), (x,), strict=True)
+    if fp16:
+        logits = logits.float()  # the loss itself in fp32
     return F.cross_entropy(logits, y, reduction="none"), new_buffers
 
 
-def mean_loss(model: nn.Module, params: Tensors, buffers: Tensors, x, y) -> torch.Tensor:
-    return per_sample_loss(model, params, buffers, x, y)[0].mean()
+def mean_loss(model: nn.Module, params: Tensors, buffers: Tensors, x, y, fp16=False):
+    return per_sample_loss(model, params, buffers, x, y, fp16)[0].mean()
 
 
 def sample_weights(
     meta_net: nn.Module, meta_params: Tensors, losses: torch.Tensor, normalize: bool
-):
+) -> torch.Tensor:
     """V(L_i; Theta) for detached losses (B,); normalised to mean 1 when asked."""
     w = functional_call(meta_net, meta_params, (losses.detach(),), strict=True)
     return w * (w.numel() / w.sum()) if normalize else w
+
+
+def _scaled(tensors: Tensors, factor: float) -> Tensors:
+    return tensors if factor == 1.0 else {k: v * factor for k, v in tensors.items()}
 
 
 def exact_meta_grad(
@@ -71,6 +88,7 @@ def exact_meta_grad(
     meta_batch: Batch,
     lr: float,
     hp: StepHP,
+    scale: float = 1.0,
 ) -> dict:
     """The lookahead, the meta loss at it, and d(meta loss)/d(Theta) through it, exactly.
 
@@ -79,6 +97,7 @@ def exact_meta_grad(
     depend on v). So d L_meta(w') / d v_i = -(a/n) * g . grad_w L_i(w) with g = grad L_meta(w'),
     and all n dot products are ONE forward-mode JVP of the loss vector L(w) along g: no double
     backward. The chain rule through v(Theta) (meta-net, normalisation) is one small VJP.
+    `scale` is the fp16 loss scale: gradients are taken of scaled losses, then unscaled.
     Returns the pieces the caller needs, so no forward is done twice.
     """
     params, buffers = state["params"], state["buffers"]
@@ -87,29 +106,36 @@ def exact_meta_grad(
 
     # train losses at w; `pullback(u)` = sum_i u_i grad L_i(w), callable more than once
     losses, pullback, new_buffers = vjp(
-        lambda p: per_sample_loss(model, p, buffers, x, y), params, has_aux=True
+        lambda p: per_sample_loss(model, p, buffers, x, y, hp.fp16), params, has_aux=True
     )
     weights, weights_pullback = vjp(
         lambda th: sample_weights(meta_net, th, losses, hp.normalize_weights), state["meta_params"]
     )
     # lookahead w'(Theta): the real optimiser's step on the weighted loss
-    (g_train,) = pullback(weights.detach() / n)
-    ahead, ahead_momentum = sgd_step(
-        params, g_train, state["momentum"], lr, hp.momentum, hp.weight_decay, hp.nesterov
-    )
+    (g_train,) = pullback(weights.detach() * (scale / n))
+    ahead, ahead_momentum = hp.sgd(params, _scaled(g_train, 1 / scale), state["momentum"], lr)
     # meta loss at w' (BatchNorm in training mode; real running stats untouched)
-    g_meta, meta_loss = grad_and_value(lambda p: mean_loss(model, p, buffers, xm, ym))(ahead)
+    g_meta, meta_loss = grad_and_value(
+        lambda p: mean_loss(model, p, buffers, xm, ym, hp.fp16) * scale
+    )(ahead)
+    g_meta = _scaled(g_meta, 1 / scale)
     # exact meta-gradient: (J g)_i = g . grad L_i(w) in one JVP, then the VJP through v(Theta)
-    _, jg = jvp(lambda p: per_sample_loss(model, p, buffers, x, y)[0], (params,), (g_meta,))
-    scale = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
-    (meta_grad,) = weights_pullback(-(scale / n) * jg)
+    tangent, t = g_meta, 1.0
+    if hp.fp16:  # keep the fp16 tangents in range: the JVP is linear, so run it at max |g| = 1
+        t = 1 / torch.stack([v.abs().max() for v in g_meta.values()]).max().clamp(min=1e-30)
+        tangent = {k: v * t for k, v in g_meta.items()}
+    _, jg = jvp(
+        lambda p: per_sample_loss(model, p, buffers, x, y, hp.fp16)[0], (params,), (tangent,)
+    )
+    a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
+    (meta_grad,) = weights_pullback(jg * (-a / n) / t)
     return {
         "losses": losses,
         "pullback": pullback,
         "new_buffers": new_buffers,
         "weights": weights.detach(),
         "ahead": (ahead, ahead_momentum),
-        "meta_loss": meta_loss,
+        "meta_loss": meta_loss / scale,
         "meta_grad": meta_grad,
     }
 
@@ -124,8 +150,10 @@ def mwn_step(
     hp: StepHP,
 ) -> tuple[dict, dict]:
     """One Meta-Weight-Net iteration (Algorithm 1). Returns (new state, metrics as tensors)."""
+    n = batch[1].shape[0]
+    scale = state["scaler"]["scale"] if hp.fp16 else 1.0
     # 1-4. weights, lookahead, meta loss and its exact gradient in Theta
-    out = exact_meta_grad(model, meta_net, state, batch, meta_batch, lr, hp)
+    out = exact_meta_grad(model, meta_net, state, batch, meta_batch, lr, hp, scale)
     # 5. meta-net update: Adam on Theta
     meta_params, meta_opt = adam_step(
         state["meta_params"],
@@ -137,15 +165,9 @@ def mwn_step(
     # 6. classifier update: with the updated meta-net (roll back), or keep the lookahead
     if hp.rollback:
         weights = sample_weights(meta_net, meta_params, out["losses"], hp.normalize_weights)
-        (g_train,) = out["pullback"](weights / batch[1].shape[0])
-        params, momentum = sgd_step(
-            state["params"],
-            g_train,
-            state["momentum"],
-            lr,
-            hp.momentum,
-            hp.weight_decay,
-            hp.nesterov,
+        (g_train,) = out["pullback"](weights * (scale / n))
+        params, momentum = hp.sgd(
+            state["params"], _scaled(g_train, 1 / scale), state["momentum"], lr
         )
     else:
         weights = out["weights"]
@@ -163,6 +185,8 @@ def mwn_step(
         "meta_loss": out["meta_loss"],
         "mean_weight": weights.mean(),
     }
+    if hp.fp16:  # overflow anywhere shows in the meta-gradient or the new parameters
+        new_state = _skip_if_overflow(state, new_state, out["meta_grad"], params)
     return new_state, metrics
 
 
@@ -177,21 +201,46 @@ def erm_step(
 ) -> tuple[dict, dict]:
     """Plain training with uniform weights: the baseline, same signature as `mwn_step`."""
     x, y = batch
-    loss, g, new_buffers = _loss_grad(model, state["params"], state["buffers"], x, y)
-    params, momentum = sgd_step(
-        state["params"], g, state["momentum"], lr, hp.momentum, hp.weight_decay, hp.nesterov
-    )
+    scale = state["scaler"]["scale"] if hp.fp16 else 1.0
+
+    def scaled_loss(p):
+        losses, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.fp16)
+        return losses.mean() * scale, new_buffers
+
+    g, (loss, new_buffers) = grad_and_value(scaled_loss, has_aux=True)(state["params"])
+    params, momentum = hp.sgd(state["params"], _scaled(g, 1 / scale), state["momentum"], lr)
     new_state = {**state, "params": params, "buffers": new_buffers, "momentum": momentum}
-    return new_state, {"loss": loss, "weighted_loss": loss}
+    if hp.fp16:
+        new_state = _skip_if_overflow(state, new_state, params)
+    return new_state, {"loss": loss / scale, "weighted_loss": loss / scale}
 
 
-def _loss_grad(model, params, buffers, x, y):
-    def f(p):
-        losses, new_buffers = per_sample_loss(model, p, buffers, x, y)
-        return losses.mean(), new_buffers
+# ---------------------------------------------------------------- fp16 loss scaling
 
-    g, (loss, new_buffers) = grad_and_value(f, has_aux=True)(params)
-    return loss, g, new_buffers
+GROWTH_INTERVAL = 2000  # as torch.amp.GradScaler: double the scale after this many good steps
+
+
+def scaler_init(scale: float = 2.0**16) -> dict:
+    return {"scale": scale, "good_steps": 0, "skipped": 0}
+
+
+def _skip_if_overflow(old: dict, new: dict, *checked: Tensors) -> dict:
+    """GradScaler's rule: a step whose gradients overflowed is skipped (BatchNorm statistics
+    still move, as in PyTorch) and the scale halves; after GROWTH_INTERVAL good steps it doubles.
+    One host sync per step, as GradScaler has."""
+    finite = bool(torch.stack([torch.isfinite(t).all() for d in checked for t in d.values()]).all())
+    s = old["scaler"]
+    if not finite:
+        scaler = {"scale": s["scale"] / 2, "good_steps": 0, "skipped": s["skipped"] + 1}
+        return {**old, "buffers": new["buffers"], "scaler": scaler}
+    good = s["good_steps"] + 1
+    grow = good == GROWTH_INTERVAL
+    scaler = {
+        "scale": s["scale"] * (2 if grow else 1),
+        "good_steps": 0 if grow else good,
+        "skipped": s["skipped"],
+    }
+    return {**new, "scaler": scaler}
 
 
 def meta_grad_double_backward(
@@ -212,15 +261,7 @@ def meta_grad_double_backward(
     weights = sample_weights(meta_net, theta, losses, hp.normalize_weights)
     inner = (weights * losses).mean()
     grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-    ahead, _ = sgd_step(
-        params,
-        dict(zip(params, grads)),
-        state["momentum"],
-        lr,
-        hp.momentum,
-        hp.weight_decay,
-        hp.nesterov,
-    )
+    ahead, _ = hp.sgd(params, dict(zip(params, grads)), state["momentum"], lr)
     meta_loss = mean_loss(model, ahead, state["buffers"], xm, ym)
     g = torch.autograd.grad(meta_loss, list(theta.values()))
     return dict(zip(theta, g)), meta_loss.detach()

@@ -14,15 +14,29 @@ from torch import nn
 Tensors = dict[str, torch.Tensor]
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm that normalises fp16/bf16 inputs in fp32 and returns their dtype.
+
+    Under autocast, the forward-mode derivative of PyTorch's batch norm gives an fp32 tangent for
+    an fp16 output, which the next convolution's JVP rejects; computing in fp32 and casting back
+    casts the tangent too. fp32 and fp64 inputs take the plain path.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return super().forward(x.float()).to(x.dtype)
+        return super().forward(x)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with BatchNorm; option-A shortcut (subsample, zero-pad channels)."""
 
     def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.bn1 = BatchNorm2d(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
+        self.bn2 = BatchNorm2d(out_ch)
         self.stride, self.pad = stride, out_ch - in_ch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +58,7 @@ class ResNet(nn.Module):
             raise ValueError(f"model.depth={depth}: a CIFAR ResNet needs depth = 6n + 2 >= 8")
         n = (depth - 2) // 6
         self.conv = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(width)
+        self.bn = BatchNorm2d(width)
         blocks, ch = [], width
         for stage, stride in enumerate((1, 2, 2)):
             out = width * 2**stage

@@ -139,6 +139,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             if done % cfg.log_every and not validate:
                 continue
             record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
+            if cfg.fp16:
+                record.update(
+                    loss_scale=state["scaler"]["scale"], skipped_steps=state["scaler"]["skipped"]
+                )
             if validate:
                 ev = evaluate(
                     model, state["params"], state["buffers"], test_set, C, cfg.eval_batch_size
@@ -176,6 +180,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         "iterations": cfg.train_iters,
         "wall_time_s": time.perf_counter() - t_start,
         "device": str(device),
+        "skipped_steps": state["scaler"]["skipped"] if cfg.fp16 else 0,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mwn import meta as meta_mod
 from mwn.meta import (
     StepHP,
     erm_step,
@@ -13,6 +14,7 @@ from mwn.meta import (
     mwn_step,
     per_sample_loss,
     sample_weights,
+    scaler_init,
 )
 from mwn.models import MetaNet, ResNet, extract_state
 from mwn.optim import adam_init, adam_step, sgd_init, sgd_step
@@ -193,3 +195,51 @@ def test_erm_step_equals_torch_training():
     for k, v in ref.state_dict().items():
         got = state["params"].get(k, state["buffers"].get(k))
         torch.testing.assert_close(got, v, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------- fp16 (autocast runs on CPU too)
+
+
+def fp32_setup():
+    torch.manual_seed(0)
+    model = ResNet(10, depth=8, width=8, in_channels=1)
+    meta_net = MetaNet(100)
+    params, buffers = extract_state(model)
+    meta_params, _ = extract_state(meta_net)
+    state = {"params": params, "buffers": buffers, "momentum": sgd_init(params),
+             "meta_params": meta_params, "meta_opt": adam_init(meta_params),
+             "scaler": scaler_init()}  # fmt: skip
+    batch = (torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
+    return model, meta_net, state, batch
+
+
+def test_fp16_meta_gradient_stays_within_five_percent_of_fp32():
+    model, meta_net, state, batch = fp32_setup()
+    ref = exact_meta_grad(model, meta_net, state, batch, batch, LR, StepHP())["meta_grad"]
+    half = exact_meta_grad(model, meta_net, state, batch, batch, LR, StepHP(fp16=True),
+                           scale=2.0**16)["meta_grad"]  # fmt: skip
+    assert rel_err(half, ref) < 5e-2  # measured 1.8 %; a wrong scale factor is off by 1e4
+
+
+@pytest.mark.parametrize("step", [mwn_step, erm_step])
+def test_fp16_step_tracks_fp32_and_skips_on_overflow(step, monkeypatch):
+    model, meta_net, state, batch = fp32_setup()
+    ref, _ = step(model, meta_net, state, batch, batch, LR, StepHP())
+    new, _ = step(model, meta_net, state, batch, batch, LR, StepHP(fp16=True))
+    delta = {k: new["params"][k] - state["params"][k] for k in state["params"]}
+    ref_delta = {k: ref["params"][k] - state["params"][k] for k in state["params"]}
+    # CPU fp16 arithmetic is coarse: plain torch.autocast autograd is 9.8 % off fp32 on this model
+    assert rel_err(delta, ref_delta) < 0.1
+    assert new["scaler"] == {"scale": 2.0**16, "good_steps": 1, "skipped": 0}
+
+    state["scaler"] = scaler_init(2.0**200)  # guaranteed overflow: the step is skipped
+    skipped, _ = step(model, meta_net, state, batch, batch, LR, StepHP(fp16=True))
+    for group in ("params", "momentum", "meta_params"):
+        assert skipped[group] is state[group]
+    assert skipped["scaler"] == {"scale": 2.0**199, "good_steps": 0, "skipped": 1}
+    assert int(skipped["buffers"]["bn.num_batches_tracked"]) == 1  # BatchNorm stats still moved
+
+    monkeypatch.setattr(meta_mod, "GROWTH_INTERVAL", 2)
+    state["scaler"] = {"scale": 4.0, "good_steps": 1, "skipped": 3}
+    grown, _ = step(model, meta_net, state, batch, batch, LR, StepHP(fp16=True))
+    assert grown["scaler"] == {"scale": 8.0, "good_steps": 0, "skipped": 3}
