@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -30,13 +31,18 @@ from mwn.data import (
     split_meta,
 )
 from mwn.evaluate import evaluate, shot_accuracy
-from mwn.meta import StepHP, erm_step, mwn_step
+from mwn.meta import StepHP, erm_step, mwn_step, scaler_init
 from mwn.models import MetaNet, build_classifier, count_params, extract_state
 from mwn.optim import adam_init, sgd_init, step_lr
 
 log = logging.getLogger(__name__)
+# torch.func's JVP of batch norm scripts a decomposition once; torch warns about its own use
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TRAIN, META, TRAIN_AUG, META_AUG = range(4)  # RNG streams
+FP16_DEVICES = ("cuda",)  # CPU autocast runs fp16 too, but far slower than fp32
 
 
 def pick_device(name: str) -> torch.device:
@@ -57,7 +63,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     """One run. Writes metrics.jsonl and summary.json into out_dir; returns the summary."""
     check_config(cfg)
     device = pick_device(cfg.device.name)
-    if cfg.fp16 and device.type != "cuda":
+    if cfg.fp16 and device.type not in FP16_DEVICES:
         raise ConfigError(f"fp16=true: needs a CUDA device, got {device.type}; allowed: false")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -95,14 +101,17 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         "meta_params": meta_params,
         "meta_opt": adam_init(meta_params),
     }
+    if cfg.fp16:
+        state["scaler"] = scaler_init()
     hp = StepHP(
-        cfg.momentum,
-        cfg.weight_decay,
-        cfg.nesterov,
-        cfg.meta_lr,
-        cfg.meta_weight_decay,
-        cfg.normalize_weights,
-        cfg.rollback,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+        nesterov=cfg.nesterov,
+        meta_lr=cfg.meta_lr,
+        meta_weight_decay=cfg.meta_weight_decay,
+        normalize_weights=cfg.normalize_weights,
+        rollback=cfg.rollback,
+        fp16=cfg.fp16,
     )
     step = mwn_step if cfg.method == "mwn" else erm_step
     log.info(

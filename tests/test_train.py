@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from mwn import train as train_mod
 from mwn.config import ConfigError
 from mwn.train import CONF_DIR, result_line, train
 
@@ -146,3 +147,12 @@ def test_cli_multirun_sweeps_the_grid(tmp_path):
         seen.add((cfg.meta_lr, cfg.hidden_size))
         assert json.loads(job.read_text())["iterations"] == 2
     assert seen == {(1e-5, 50), (1e-5, 100), (1e-4, 50), (1e-4, 100)}
+
+
+def test_fp16_run_reports_its_loss_scale(tmp_path, monkeypatch):
+    """The fp16 wiring end to end (CUDA-only for users; CPU autocast runs the same code)."""
+    monkeypatch.setattr(train_mod, "FP16_DEVICES", ("cuda", "cpu"))
+    summary = train(make_cfg(*FAST, "device=cpu", "fp16=true"), tmp_path)
+    lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert lines[-1]["loss_scale"] == 2.0**16 and lines[-1]["skipped_steps"] == 0
+    assert summary["skipped_steps"] == 0 and summary["final_acc"] > 0
