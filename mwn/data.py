@@ -120,7 +120,7 @@ def load_fashion_mnist(root: Path, download: bool) -> ImageSet:
     if files is None and download:
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(root), train=True, download=True)  # checksum-verified download
+        _download(lambda: FashionMNIST(str(root), train=True, download=True), "Fashion-MNIST", root)
         files = _find_fashion_mnist(root)
     if files is None:
         raise DataError(
@@ -148,7 +148,7 @@ def load_cifar(root: Path, name: str, download: bool) -> ImageSet:
     expected = tv.train_list + tv.test_list
     missing = [f for f, _ in expected if not (folder / f).is_file()]
     if missing and download:
-        tv(str(root), train=True, download=True)  # checksum-verified download and extraction
+        _download(lambda: tv(str(root), train=True, download=True), name, root)
         missing = [f for f, _ in expected if not (folder / f).is_file()]
     if missing:
         raise DataError(
@@ -163,22 +163,39 @@ def load_cifar(root: Path, name: str, download: bool) -> ImageSet:
     def read(files: list[list[str]]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for fname, md5 in files:
-            x, y = _read_cifar_file(folder / fname, md5, label_key, num_classes)
+            raw = (folder / fname).read_bytes()
+            if hashlib.md5(raw).hexdigest() != md5:
+                unofficial.append(fname)
+            x, y = _parse_cifar_batch(raw, folder / fname, label_key, num_classes)
             xs.append(x)
             ys.append(y)
         return torch.cat(xs), torch.cat(ys)
 
+    unofficial: list[str] = []
     train_x, train_y = read(tv.train_list)
     test_x, test_y = read(tv.test_list)
+    if unofficial:
+        warnings.warn(
+            f"{folder}: MD5 of {', '.join(unofficial)} differs from the official files; "
+            "read by structure",
+            stacklevel=2,
+        )
     return ImageSet(name, num_classes, train_x, train_y, test_x, test_y)
 
 
-def _read_cifar_file(path: Path, md5: str, label_key: bytes, num_classes: int):
-    raw = path.read_bytes()
-    if hashlib.md5(raw).hexdigest() != md5:
-        warnings.warn(
-            f"{path}: MD5 differs from the official file; reading it by structure", stacklevel=2
-        )
+def _download(fetch, what: str, root: Path) -> None:
+    """torchvision's checksum-verified download, with a one-line error when it cannot."""
+    try:
+        fetch()
+    except (OSError, RuntimeError) as e:  # URLError is an OSError; bad checksums a RuntimeError
+        raise DataError(
+            f"data.download=true: downloading {what} into {root} failed ({e}); "
+            "download it elsewhere and set data.root=<folder>"
+        ) from e
+
+
+def _parse_cifar_batch(raw: bytes, path: Path, label_key: bytes, num_classes: int):
+    """(images uint8 (N, 3, 32, 32), labels) of one CIFAR python batch, checked by structure."""
     try:
         entry = pickle.loads(raw, encoding="bytes")  # the CIFAR format is a pickle: trusted input
     except Exception as e:

@@ -33,7 +33,7 @@ def test_defaults_follow_the_reference_and_the_demo_scales_them_down():
     assert list(cifar.lr_milestones) == [5000, 7500, 9000] and cifar.meta_lr == 1e-5
     assert (cifar.lr, cifar.momentum, cifar.weight_decay, cifar.batch_size) == (0.1, 0.9, 5e-4, 100)
     assert (cifar.dataset.crop_padding, cifar.dataset.flip, cifar.meta_per_class) == (4, True, 10)
-    assert cifar.rollback and cifar.method == "mwn" and not cifar.fp16
+    assert cifar.rollback and cifar.method == "mwn" and not cifar.fp16 and cifar.normalize_weights
     demo = make_cfg()
     assert demo.dataset.name == "digits" and demo.model.depth == 8 and demo.device.name == "auto"
     assert make_cfg("dataset=digits", "model=resnet32").model.depth == 32  # the user's choice wins
