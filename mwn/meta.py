@@ -35,6 +35,7 @@ class StepHP:
     normalize_weights: bool = False  # weights * n / sum(weights), as the paper-era MWN scripts
     rollback: bool = True  # redo the classifier step with the updated meta-net (Algorithm 1)
     fp16: bool = False  # float16 autocast for the classifier, dynamic loss scaling
+    meta_grad: str = "jvp"  # jvp (one JVP) | double_backward (the original code's reference)
 
     def sgd(self, params: Tensors, grads: Tensors, momentum: Tensors, lr: float):
         """The classifier's optimiser step (the real one and the lookahead are the same rule)."""
@@ -76,8 +77,10 @@ def sample_weights(
     return w * (w.numel() / w.sum()) if normalize else w
 
 
-def _scaled(tensors: Tensors, factor: float) -> Tensors:
-    return tensors if factor == 1.0 else {k: v * factor for k, v in tensors.items()}
+def _scaled(tensors: Tensors, factor: float | torch.Tensor) -> Tensors:
+    if isinstance(factor, float) and factor == 1.0:
+        return tensors
+    return {k: v * factor for k, v in tensors.items()}
 
 
 def exact_meta_grad(
@@ -111,6 +114,11 @@ def exact_meta_grad(
     weights, weights_pullback = vjp(
         lambda th: sample_weights(meta_net, th, losses, hp.normalize_weights), state["meta_params"]
     )
+    pieces = {"losses": losses, "pullback": pullback, "new_buffers": new_buffers,
+              "weights": weights.detach()}  # fmt: skip
+    if hp.meta_grad == "double_backward":  # the reference: autodiff through the unrolled step
+        return {**pieces, **meta_grad_double_backward(model, meta_net, state, batch, meta_batch,
+                                                      lr, hp)}  # fmt: skip
     # lookahead w'(Theta): the real optimiser's step on the weighted loss
     (g_train,) = pullback(weights.detach() * (scale / n))
     ahead, ahead_momentum = hp.sgd(params, _scaled(g_train, 1 / scale), state["momentum"], lr)
@@ -130,10 +138,7 @@ def exact_meta_grad(
     a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
     (meta_grad,) = weights_pullback(jg * (-a / n) / t)
     return {
-        "losses": losses,
-        "pullback": pullback,
-        "new_buffers": new_buffers,
-        "weights": weights.detach(),
+        **pieces,
         "ahead": (ahead, ahead_momentum),
         "meta_loss": meta_loss / scale,
         "meta_grad": meta_grad,
@@ -220,27 +225,30 @@ def erm_step(
 GROWTH_INTERVAL = 2000  # as torch.amp.GradScaler: double the scale after this many good steps
 
 
-def scaler_init(scale: float = 2.0**16) -> dict:
-    return {"scale": scale, "good_steps": 0, "skipped": 0}
+def scaler_init(scale: float = 2.0**16, device: torch.device | str = "cpu") -> dict:
+    """Dynamic loss-scale state, as tensors (no host sync, capturable in a CUDA graph)."""
+    t = lambda v: torch.tensor(v, dtype=torch.float32, device=device)
+    return {"scale": t(scale), "good_steps": t(0.0), "skipped": t(0.0)}
 
 
 def _skip_if_overflow(old: dict, new: dict, *checked: Tensors) -> dict:
-    """GradScaler's rule: a step whose gradients overflowed is skipped (BatchNorm statistics
-    still move, as in PyTorch) and the scale halves; after GROWTH_INTERVAL good steps it doubles.
-    One host sync per step, as GradScaler has."""
-    finite = bool(torch.stack([torch.isfinite(t).all() for d in checked for t in d.values()]).all())
+    """GradScaler's rule, branch-free: a step whose gradients overflowed keeps the old
+    parameters and optimiser states (BatchNorm statistics still move, as in PyTorch) and halves
+    the scale; after GROWTH_INTERVAL good steps in a row the scale doubles."""
+    finite = torch.stack([torch.isfinite(t).all() for d in checked for t in d.values()]).all()
+    keep = lambda a, b: torch.where(finite, a, b)
+    pick = lambda a, b: {k: pick(a[k], b[k]) if isinstance(a[k], dict) else keep(a[k], b[k])
+                         for k in a}  # fmt: skip
     s = old["scaler"]
-    if not finite:
-        scaler = {"scale": s["scale"] / 2, "good_steps": 0, "skipped": s["skipped"] + 1}
-        return {**old, "buffers": new["buffers"], "scaler": scaler}
-    good = s["good_steps"] + 1
-    grow = good == GROWTH_INTERVAL
+    good = torch.where(finite, s["good_steps"] + 1, 0.0)
+    grow = good >= GROWTH_INTERVAL
     scaler = {
-        "scale": s["scale"] * (2 if grow else 1),
-        "good_steps": 0 if grow else good,
-        "skipped": s["skipped"],
+        "scale": s["scale"] * torch.where(finite, torch.where(grow, 2.0, 1.0), 0.5),
+        "good_steps": torch.where(grow, 0.0, good),
+        "skipped": s["skipped"] + (~finite).float(),
     }
-    return {**new, "scaler": scaler}
+    updated = {k: pick(new[k], old[k]) for k in old if k not in ("buffers", "scaler")}
+    return {**updated, "buffers": new["buffers"], "scaler": scaler}
 
 
 def meta_grad_double_backward(
@@ -251,9 +259,10 @@ def meta_grad_double_backward(
     meta_batch: Batch,
     lr: float,
     hp: StepHP,
-) -> tuple[Tensors, torch.Tensor]:
+) -> dict:
     """Reference: d(meta loss)/d(Theta) by plain autograd through the unrolled lookahead
-    (create_graph=True), as the original MWN code does. Slow; used by tests and the benchmark."""
+    (create_graph=True), as the original MWN code does: its own forward, a differentiable
+    backward, and a backward through both. Returns meta_grad, meta_loss and the lookahead."""
     (x, y), (xm, ym) = batch, meta_batch
     params = {k: v.detach().requires_grad_() for k, v in state["params"].items()}
     theta = {k: v.detach().requires_grad_() for k, v in state["meta_params"].items()}
@@ -261,7 +270,12 @@ def meta_grad_double_backward(
     weights = sample_weights(meta_net, theta, losses, hp.normalize_weights)
     inner = (weights * losses).mean()
     grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-    ahead, _ = hp.sgd(params, dict(zip(params, grads)), state["momentum"], lr)
+    ahead, momentum = hp.sgd(params, dict(zip(params, grads)), state["momentum"], lr)
     meta_loss = mean_loss(model, ahead, state["buffers"], xm, ym)
     g = torch.autograd.grad(meta_loss, list(theta.values()))
-    return dict(zip(theta, g)), meta_loss.detach()
+    detached = lambda d: {k: v.detach() for k, v in d.items()}
+    return {
+        "meta_grad": dict(zip(theta, g)),
+        "meta_loss": meta_loss.detach(),
+        "ahead": (detached(ahead), detached(momentum)),
+    }

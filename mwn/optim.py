@@ -41,8 +41,10 @@ def sgd_lookahead_scale(lr: float, momentum: float, nesterov: bool) -> float:
 
 
 def adam_init(params: Tensors) -> dict:
+    """Adam state; the step count is a tensor so that a captured or compiled step can advance it."""
+    p = next(iter(params.values()))
     return {
-        "step": 0,
+        "step": torch.zeros((), dtype=p.dtype, device=p.device),
         "exp_avg": {k: torch.zeros_like(p) for k, p in params.items()},
         "exp_avg_sq": {k: torch.zeros_like(p) for k, p in params.items()},
     }
@@ -60,7 +62,7 @@ def adam_step(
     """torch.optim.Adam (L2 weight decay added to the gradient, bias-corrected moments)."""
     b1, b2 = betas
     t = state["step"] + 1
-    c1, c2 = 1.0 - b1**t, 1.0 - b2**t
+    c1, c2 = 1.0 - torch.pow(b1, t), 1.0 - torch.pow(b2, t)
     new_params, m_new, v_new = {}, {}, {}
     for k, p in params.items():
         g = grads[k] + weight_decay * p if weight_decay else grads[k]

@@ -102,7 +102,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         "meta_opt": adam_init(meta_params),
     }
     if cfg.fp16:
-        state["scaler"] = scaler_init()
+        state["scaler"] = scaler_init(device=device)
     hp = StepHP(
         momentum=cfg.momentum,
         weight_decay=cfg.weight_decay,
@@ -150,7 +150,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
             if cfg.fp16:
                 record.update(
-                    loss_scale=state["scaler"]["scale"], skipped_steps=state["scaler"]["skipped"]
+                    loss_scale=state["scaler"]["scale"].item(),
+                    skipped_steps=int(state["scaler"]["skipped"]),
                 )
             if validate:
                 ev = evaluate(
@@ -189,7 +190,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         "iterations": cfg.train_iters,
         "wall_time_s": time.perf_counter() - t_start,
         "device": str(device),
-        "skipped_steps": state["scaler"]["skipped"] if cfg.fp16 else 0,
+        "skipped_steps": int(state["scaler"]["skipped"]) if cfg.fp16 else 0,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
