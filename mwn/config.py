@@ -69,6 +69,10 @@ class Config:
     normalize_weights: bool = MISSING
     rollback: bool = MISSING
     fp16: bool = MISSING
+    meta_grad: str = MISSING
+    channels_last: bool = MISSING
+    compile: bool = MISSING
+    cuda_graphs: bool = MISSING
     val_every: int = MISSING
     log_every: int = MISSING
     eval_batch_size: int = MISSING
@@ -79,6 +83,7 @@ def register_schema() -> None:
 
 
 METHODS = ("mwn", "erm")
+META_GRADS = ("jvp", "double_backward")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
@@ -90,6 +95,8 @@ def check_config(cfg: DictConfig) -> None:
             raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: allowed values are {allowed}")
 
     need(cfg.method in METHODS, "method", " | ".join(METHODS))
+    need(cfg.meta_grad in META_GRADS, "meta_grad", " | ".join(META_GRADS))
+    need(not (cfg.fp16 and cfg.meta_grad == "double_backward"), "meta_grad", "jvp with fp16=true")
     need(cfg.device.name in DEVICES, "device.name", " | ".join(DEVICES))
     need(cfg.imbalance >= 1, "imbalance", "real numbers >= 1")
     for key in (

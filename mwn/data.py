@@ -309,6 +309,7 @@ class DeviceImages:
         std,
         device: torch.device,
         dtype: torch.dtype = torch.float32,
+        channels_last: bool = False,
     ) -> None:
         self.x, self.y = x.to(device), y.to(device)
         c = x.shape[1]
@@ -317,6 +318,7 @@ class DeviceImages:
         self.mean = torch.tensor(mean, device=device, dtype=dtype).view(1, c, 1, 1) * 255
         self.std = torch.tensor(std, device=device, dtype=dtype).view(1, c, 1, 1) * 255
         self.device, self.dtype = device, dtype
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def __len__(self) -> int:
         return len(self.y)
@@ -335,7 +337,8 @@ class DeviceImages:
         if flip:
             mirror = torch.rand(len(x), generator=gen, device=self.device) < 0.5
             x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
-        return (x.to(self.dtype) - self.mean) / self.std, self.y[idx]
+        x = (x.to(self.dtype) - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format), self.y[idx]
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator | None) -> torch.Tensor:

@@ -10,6 +10,7 @@ Nothing here reads a clock, a file or a global RNG, so one iteration can later b
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,11 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, jvp, vjp
 
 from mwn.optim import adam_step, sgd_lookahead_scale, sgd_step
+
+# torch.func's JVP of batch norm scripts a decomposition once; torch warns about its own use
+warnings.filterwarnings(
+    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
+)
 
 Tensors = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W) float, labels (B,) int64

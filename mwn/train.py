@@ -10,7 +10,6 @@ import json
 import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import hydra
@@ -20,6 +19,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
+from mwn.accel import channels_last, make_step
 from mwn.config import ConfigError, check_config, register_schema
 from mwn.data import (
     DataError,
@@ -36,10 +36,6 @@ from mwn.models import MetaNet, build_classifier, count_params, extract_state
 from mwn.optim import adam_init, sgd_init, step_lr
 
 log = logging.getLogger(__name__)
-# torch.func's JVP of batch norm scripts a decomposition once; torch warns about its own use
-warnings.filterwarnings(
-    "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
-)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 TRAIN, META, TRAIN_AUG, META_AUG = range(4)  # RNG streams
 FP16_DEVICES = ("cuda",)  # CPU autocast runs fp16 too, but far slower than fp32
@@ -65,6 +61,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     device = pick_device(cfg.device.name)
     if cfg.fp16 and device.type not in FP16_DEVICES:
         raise ConfigError(f"fp16=true: needs a CUDA device, got {device.type}; allowed: false")
+    if cfg.cuda_graphs and device.type != "cuda":
+        raise ConfigError(
+            f"cuda_graphs=true: needs a CUDA device, got {device.type}; allowed: false"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -74,9 +74,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     meta_idx, pool = split_meta(images.train_y, C, cfg.meta_per_class, cfg.seed)
     train_idx, counts = make_long_tail(images.train_y, pool, C, cfg.imbalance, cfg.seed)
     norm = (list(cfg.dataset.mean), list(cfg.dataset.std), device)
-    train_set = DeviceImages(images.train_x[train_idx], images.train_y[train_idx], *norm)
-    meta_set = DeviceImages(images.train_x[meta_idx], images.train_y[meta_idx], *norm)
-    test_set = DeviceImages(images.test_x, images.test_y, *norm)
+    fmt = {"channels_last": cfg.channels_last}
+    train_set = DeviceImages(images.train_x[train_idx], images.train_y[train_idx], *norm, **fmt)
+    meta_set = DeviceImages(images.train_x[meta_idx], images.train_y[meta_idx], *norm, **fmt)
+    test_set = DeviceImages(images.test_x, images.test_y, *norm, **fmt)
     log.info(
         "%s: %d train (per class %s), %d meta, %d test; device %s",
         images.name,
@@ -93,6 +94,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     model = build_classifier(m.arch, C, images.train_x.shape[1], m.depth, m.width).to(device)
     meta_net = MetaNet(cfg.hidden_size, cfg.num_layers).to(device)
     params, buffers = extract_state(model)
+    if cfg.channels_last:
+        params = channels_last(params)
     meta_params, _ = extract_state(meta_net)
     state = {
         "params": params,
@@ -112,8 +115,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         normalize_weights=cfg.normalize_weights,
         rollback=cfg.rollback,
         fp16=cfg.fp16,
+        meta_grad=cfg.meta_grad,
     )
-    step = mwn_step if cfg.method == "mwn" else erm_step
+    step_fn = mwn_step if cfg.method == "mwn" else erm_step
+    step = make_step(step_fn, model, meta_net, hp, cfg.compile, cfg.cuda_graphs)
     log.info(
         "%s: %s-%d, %d parameters; meta-net %d parameters",
         cfg.method,
@@ -140,7 +145,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                     meta_batches.indices(it), *aug, batch_generator(cfg.seed, META_AUG, it, device)
                 )
             # one iteration: weights, lookahead, meta-gradient, meta update, classifier update
-            state, metrics = step(model, meta_net, state, batch, meta_batch, lr, hp)
+            lr_arg = torch.tensor(lr, device=device) if cfg.cuda_graphs else lr
+            state, metrics = step(state, batch, meta_batch, lr_arg)
 
             # validation and logging
             done = it + 1

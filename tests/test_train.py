@@ -156,3 +156,25 @@ def test_fp16_run_reports_its_loss_scale(tmp_path, monkeypatch):
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["loss_scale"] == 2.0**16 and lines[-1]["skipped_steps"] == 0
     assert summary["skipped_steps"] == 0 and summary["final_acc"] > 0
+
+
+def test_speed_options_change_speed_not_results(tmp_path):
+    base = train(make_cfg(*FAST, "train_iters=3"), tmp_path / "base")
+    for option in ("channels_last=true", "meta_grad=double_backward"):
+        other = train(make_cfg(*FAST, "train_iters=3", option), tmp_path / option)
+        a = (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()
+        b = (tmp_path / option / "metrics.jsonl").read_text().splitlines()
+        for la, lb in zip(map(json.loads, a), map(json.loads, b), strict=True):
+            for key in ("loss", "meta_loss", "mean_weight"):
+                assert lb[key] == pytest.approx(la[key], rel=1e-4), (option, key)
+        assert other["final_acc"] == pytest.approx(base["final_acc"], abs=0.5)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [("cuda_graphs=true", "cuda_graphs=true: needs a CUDA device"),
+     ("meta_grad=finite", "meta_grad='finite': allowed values are jvp | double_backward")],
+)  # fmt: skip
+def test_speed_options_are_checked(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
+        train(make_cfg("device=cpu", override), tmp_path)

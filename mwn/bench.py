@@ -1,0 +1,214 @@
+"""`python -m mwn.bench`: time the real training steps, interleaved in one process.
+
+Variants, each the trainer's own step function wrapped by `mwn.accel.make_step`:
+    erm              plain training: forward, backward, SGD step
+    mwn              MWN iteration, exact JVP meta-gradient, rollback=true
+    mwn_no_rollback  the same with rollback=false
+    double_backward  MWN iteration whose meta-gradient is autodiff through the unrolled step
+                     (create_graph=True), as the original MWN code computes it; rollback=true
+Rounds visit the variants in rotating order so that machine drift hits all alike; the report is
+the median milliseconds per iteration, its ratio to ERM, extra peak memory per iteration, and
+the time to draw one augmented batch from the device-resident dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mwn.accel import channels_last, make_step
+from mwn.data import DeviceImages, Sampler, batch_generator
+from mwn.meta import StepHP, erm_step, mwn_step, scaler_init
+from mwn.models import MetaNet, ResNet, extract_state
+from mwn.optim import adam_init, sgd_init
+
+VARIANTS = ("erm", "mwn", "mwn_no_rollback", "double_backward")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m mwn.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
+    p.add_argument("--fp16", action="store_true", help="float16 autocast + loss scaling (CUDA)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the step functions")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay each step as a CUDA graph")
+    p.add_argument("--channels-last", action="store_true", help="NHWC images and conv weights")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--meta-batch-size", type=int, default=100)
+    p.add_argument("--shape", default="3,32,32", help="image C,H,W (default CIFAR's 3,32,32)")
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--depth", type=int, default=32, help="ResNet depth, 6n+2 (default 32)")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--iters", type=int, default=10, help="timed rounds (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument("--json", default="bench.json", help="where to write the results")
+    args = p.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; allowed: {', '.join(VARIANTS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here; allowed: cpu")
+    if (args.fp16 or args.cuda_graphs) and args.device != "cuda":
+        p.error("--fp16 and --cuda-graphs need --device cuda")
+    if args.fp16 and "double_backward" in args.variants.split(","):
+        args.variants = ",".join(v for v in args.variants.split(",") if v != "double_backward")
+    return args
+
+
+def setup(args: argparse.Namespace) -> dict:
+    """Models, a training state, fixed batches, a CIFAR-sized uint8 dataset on the device, and
+    every variant's step function."""
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    c, h, w = (int(v) for v in args.shape.split(","))
+    model = ResNet(args.classes, args.depth, args.width, in_channels=c).to(device)
+    meta_net = MetaNet().to(device)
+    params, buffers = extract_state(model)
+    if args.channels_last:
+        params = channels_last(params)
+    meta_params, _ = extract_state(meta_net)
+    state = {"params": params, "buffers": buffers, "momentum": sgd_init(params),
+             "meta_params": meta_params, "meta_opt": adam_init(meta_params)}  # fmt: skip
+    if args.fp16:
+        state["scaler"] = scaler_init(device=device)
+    images = torch.randint(0, 256, (50_000, c, h, w), dtype=torch.uint8)
+    labels = torch.randint(0, args.classes, (50_000,))
+    data = DeviceImages(images, labels, [0.5] * c, [0.25] * c, device,
+                        channels_last=args.channels_last)  # fmt: skip
+    sampler = Sampler(len(data), args.batch_size, seed=0, stream=0, what="--batch-size")
+
+    def draw(k: int, size: int):
+        return data.batch(sampler.indices(k)[:size], 4, True, batch_generator(0, 2, k, device))
+
+    hp = StepHP(fp16=args.fp16)
+    specs = {
+        "erm": (erm_step, hp),
+        "mwn": (mwn_step, hp),
+        "mwn_no_rollback": (mwn_step, replace(hp, rollback=False)),
+        "double_backward": (mwn_step, replace(hp, meta_grad="double_backward")),
+    }
+    steps = {name: make_step(fn, model, meta_net, shp, args.compile, args.cuda_graphs)
+             for name, (fn, shp) in specs.items() if name in args.variants.split(",")}  # fmt: skip
+    lr = torch.tensor(0.1, device=device) if args.cuda_graphs else 0.1
+    return {"device": device, "state": state, "steps": steps, "draw": draw,
+            "batch": draw(0, args.batch_size), "meta_batch": draw(1, args.meta_batch_size),
+            "lr": lr}  # fmt: skip
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def time_variants(args: argparse.Namespace, env: dict) -> dict[str, list[float]]:
+    """Milliseconds per call of each variant (and of drawing a batch), rounds interleaved."""
+    names = list(env["steps"])
+    times: dict[str, list[float]] = {n: [] for n in [*names, "data"]}
+    for r in range(args.warmup + args.iters):
+        order = names[r % len(names) :] + names[: r % len(names)]  # rotate: drift hits all
+        for name in [*order, "data"]:
+            sync(env["device"])
+            t0 = time.perf_counter()
+            if name == "data":
+                env["draw"](r, args.batch_size)
+            else:
+                env["steps"][name](env["state"], env["batch"], env["meta_batch"], env["lr"])
+            sync(env["device"])
+            if r >= args.warmup:
+                times[name].append(1000 * (time.perf_counter() - t0))
+    return times
+
+
+def peak_memory_mb(env: dict, variant: str) -> float:
+    """Extra peak memory of one (warmed-up) iteration over what was allocated before it, in MB:
+    CUDA from the allocator's peak; CPU from the profiler's allocation events, summed in time
+    order (the peak of live bytes the iteration allocated)."""
+    step, device = env["steps"][variant], env["device"]
+    args = (env["state"], env["batch"], env["meta_batch"], env["lr"])
+    step(*args)  # warm: caches, compilation, capture
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(*args)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(*args)
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    env = setup(args)
+    times = time_variants(args, env)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    erm = med.get("erm")
+    memory = {}
+    if not args.no_memory:
+        memory = {v: peak_memory_mb(env, v) for v in env["steps"]}
+    report = {
+        "config": vars(args)
+        | {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+        },  # fmt: skip
+        "ms": med,
+        "ms_all": times,
+        "ratio_to_erm": {k: med[k] / erm for k in env["steps"]} if erm else {},
+        "extra_peak_memory_mb": memory,
+    }
+    if "mwn" in med and "double_backward" in med:
+        report["mwn_over_double_backward"] = med["mwn"] / med["double_backward"]
+    if memory.get("erm"):
+        report["memory_ratio_to_erm"] = {k: v / memory["erm"] for k, v in memory.items()}
+    print_report(args, report)
+    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def print_report(args: argparse.Namespace, report: dict) -> None:
+    mode = [m for m, on in (("fp16", args.fp16), ("compile", args.compile),
+                            ("cuda-graphs", args.cuda_graphs),
+                            ("channels-last", args.channels_last)) if on]  # fmt: skip
+    print(
+        f"ResNet{args.depth} (width {args.width}), batch {args.batch_size}, meta batch "
+        f"{args.meta_batch_size}, {args.shape} input, {args.device} "
+        f"{'+'.join(mode) or 'fp32 eager'}; median of {args.iters} interleaved rounds"
+    )
+    print(f"{'variant':18s} {'ms/iter':>9s} {'x ERM':>7s} {'extra peak MB':>14s} {'x ERM':>7s}")  # noqa: E501
+    for k, ms in report["ms"].items():
+        if k == "data":
+            continue
+        r = report["ratio_to_erm"].get(k, float("nan"))
+        m = report["extra_peak_memory_mb"].get(k, float("nan"))
+        mr = report.get("memory_ratio_to_erm", {}).get(k, float("nan"))
+        print(f"{k:18s} {ms:9.2f} {r:7.2f} {m:14.1f} {mr:7.2f}")
+    print(f"{'data (one batch)':18s} {report['ms']['data']:9.3f}")
+    if "mwn_over_double_backward" in report:
+        print(f"mwn / double_backward: {report['mwn_over_double_backward']:.2f}")
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
