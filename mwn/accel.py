@@ -52,8 +52,10 @@ class CudaGraphStep:
     def __call__(self, *args) -> tuple[dict, dict]:
         if self.graph is None:
             self._capture(args)
-        src, _ = tree_flatten(args)
-        dst, _ = tree_flatten(self.static_in)
+        src, spec = tree_flatten(args)
+        dst, static_spec = tree_flatten(self.static_in)
+        if spec != static_spec:
+            raise ValueError("CudaGraphStep: the inputs' structure differs from the captured one")
         pairs = [(d, s) for d, s in zip(dst, src, strict=True)
                  if isinstance(d, torch.Tensor) and d is not s]  # fmt: skip
         if pairs:

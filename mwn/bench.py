@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     med = {k: statistics.median(v) for k, v in times.items()}
     erm = med.get("erm")
     memory = {}
-    if not args.no_memory:
+    if not args.no_memory and not args.cuda_graphs:  # a replayed graph allocates nothing
         memory = {v: peak_memory_mb(env, v) for v in env["steps"]}
     report = {
         "config": vars(args)

@@ -184,6 +184,7 @@ def mwn_step(
         weights = out["weights"]
         params, momentum = out["ahead"]
     new_state = {
+        **state,
         "params": params,
         "buffers": out["new_buffers"],  # running stats moved once, by the train batch
         "momentum": momentum,
