@@ -254,8 +254,8 @@ def _skip_if_overflow(old: dict, new: dict, *checked: Tensors) -> dict:
         "good_steps": torch.where(grow, 0.0, good),
         "skipped": s["skipped"] + (~finite).float(),
     }
-    updated = {k: pick(new[k], old[k]) for k in old if k not in ("buffers", "scaler")}
-    return {**updated, "buffers": new["buffers"], "scaler": scaler}
+    fixed = {"buffers": new["buffers"], "scaler": scaler}
+    return {k: fixed[k] if k in fixed else pick(new[k], old[k]) for k in old}  # same key order
 
 
 def meta_grad_double_backward(

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_structure
 
 from mwn import meta as meta_mod
 from mwn.meta import (
@@ -247,6 +248,8 @@ def test_fp16_step_tracks_fp32_and_skips_on_overflow(step, monkeypatch):
     # CPU fp16 arithmetic is coarse: plain torch.autocast autograd is 9.8 % off fp32 on this model
     assert rel_err(delta, ref_delta) < 0.1
     assert scaler_values(new) == {"scale": 2.0**16, "good_steps": 1, "skipped": 0}
+    # the same structure in and out: a CUDA graph replays a step on its own outputs
+    assert tree_structure(new) == tree_structure(state)
 
     state["scaler"] = scaler_init(2.0**100)  # overflows fp16: the step is skipped
     skipped, _ = step(model, meta_net, state, batch, batch, LR, StepHP(fp16=True))
