@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_structure
 
 from mwn import meta as meta_mod
+from mwn import models
 from mwn.meta import (
     StepHP,
     erm_step,
@@ -195,7 +196,10 @@ def test_erm_step_equals_torch_training():
     model, meta_net, state, batch, _ = setup()
     state["momentum"] = sgd_init(state["params"])
     hp = StepHP(momentum=0.9, weight_decay=5e-3, nesterov=True)
-    ref = ResNet(5, depth=8, width=4, in_channels=1).double()
+    with pytest.MonkeyPatch.context() as mp:  # the reference uses PyTorch's own BatchNorm
+        mp.setattr(models, "BatchNorm2d", torch.nn.BatchNorm2d)
+        ref = ResNet(5, depth=8, width=4, in_channels=1).double()
+    assert type(ref.bn) is torch.nn.BatchNorm2d
     ref.load_state_dict({**state["params"], **state["buffers"]})
     opt = torch.optim.SGD(ref.parameters(), lr=LR, momentum=0.9, weight_decay=5e-3, nesterov=True)
     for _ in range(3):

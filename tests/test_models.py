@@ -1,7 +1,15 @@
 import pytest
 import torch
+from torch.func import functional_call, jvp, vjp
 
-from mwn.models import MetaNet, ResNet, build_classifier, count_params, extract_state
+from mwn.models import (
+    BatchNorm2d,
+    MetaNet,
+    ResNet,
+    build_classifier,
+    count_params,
+    extract_state,  # fmt: skip
+)
 
 
 def test_resnet32_has_the_published_parameter_count():
@@ -53,3 +61,41 @@ def test_extract_state_copies():
     params, _ = extract_state(model)
     params["fc.bias"].add_(1.0)
     assert not torch.equal(params["fc.bias"], model.fc.bias)
+
+
+def test_batchnorm_matches_pytorch_in_every_mode_of_differentiation():
+    """Forward, running statistics, VJP, JVP and double backward equal nn.BatchNorm2d's (fp64)."""
+    torch.manual_seed(0)
+    ours, ref = BatchNorm2d(4).double(), torch.nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.weight.copy_(torch.linspace(0.5, 2.0, 4))
+            m.bias.copy_(torch.linspace(-1.0, 1.0, 4))
+    x = torch.randn(8, 4, 5, 5, dtype=torch.float64) * 3 + 1
+    for _ in range(2):
+        torch.testing.assert_close(ours(x), ref(x), rtol=1e-13, atol=1e-13)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(ours, name), getattr(ref, name), rtol=1e-13, atol=0)
+
+    def call(module):
+        buffers = {k: v.detach() for k, v in module.named_buffers()}
+        fresh = lambda: {k: v.clone() for k, v in buffers.items()}  # BN writes into its buffers
+        return lambda x, p: functional_call(module, (p, fresh()), (x,), strict=True)
+
+    p = {k: v.detach() for k, v in ours.named_parameters()}
+    tangents = (torch.randn_like(x), {k: torch.randn_like(v) for k, v in p.items()})
+    _, j_ours = jvp(call(ours), (x, p), tangents)
+    _, j_ref = jvp(call(ref), (x, p), tangents)
+    torch.testing.assert_close(j_ours, j_ref, rtol=1e-12, atol=1e-12)
+    u = torch.randn_like(x)
+    g_ours = vjp(call(ours), x, p)[1](u)
+    g_ref = vjp(call(ref), x, p)[1](u)
+    torch.testing.assert_close(g_ours, g_ref, rtol=1e-12, atol=1e-12)
+    # double backward (what meta_grad=double_backward differentiates through)
+    xs = x.clone().requires_grad_()
+    dbl = []
+    for module in (ours, ref):
+        y = module(xs)
+        (g,) = torch.autograd.grad((y * u).sum(), xs, create_graph=True)
+        dbl.append(torch.autograd.grad((g**2).sum(), module.weight)[0])
+    torch.testing.assert_close(dbl[0], dbl[1], rtol=1e-11, atol=1e-11)
