@@ -14,77 +14,18 @@ from torch import nn
 Tensors = dict[str, torch.Tensor]
 
 
-class _TrainBatchNorm(torch.autograd.Function):
-    """Training-mode batch norm over (N, H, W) per channel, with a cheap forward-mode rule.
-
-    Forward and backward are PyTorch's fused kernels; the JVP is
-        y' = A x' + B x + C, per channel: A = w r, m1 = mean(x'), m2 = r (mean(x' x) - mu m1),
-        B = r (w' - A m2), C = b' - A m1 - mu B   (r = 1 / sqrt(var + eps))
-    a few passes over the tensor instead of the generic decomposition's many.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, eps):
-        out, mean, invstd = torch.native_batch_norm(x, weight, bias, None, None, True, 0.0, eps)
-        return out, mean, invstd
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        x, weight, bias, eps = inputs
-        _, mean, invstd = output
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.save_for_forward(x, weight, mean, invstd)
-        ctx.eps = eps
-        ctx.mark_non_differentiable(mean, invstd)
-
-    @staticmethod
-    def backward(ctx, grad_out, _gm, _gi):
-        x, weight, mean, invstd = ctx.saved_tensors
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, [True, True, True]
-        )
-        return gx, gw, gb, None
-
-    @staticmethod
-    def jvp(ctx, x_t, w_t, b_t, _eps_t):
-        x, weight, mean, invstd = ctx.saved_tensors
-        dims, shape = (0, 2, 3), (1, -1, 1, 1)
-        a = weight * invstd
-        m1 = x_t.mean(dims)
-        m2 = invstd * ((x_t * x).mean(dims) - mean * m1)
-        b = invstd * (w_t - a * m2)
-        c = b_t - a * m1 - mean * b
-        y_t = torch.addcmul(c.view(shape) + a.view(shape) * x_t, b.view(shape), x)
-        return y_t, None, None
-
-
 class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d whose training mode goes through `_TrainBatchNorm` (same outputs and
-    running statistics; a cheaper JVP), and which normalises fp16/bf16 inputs in fp32.
+    """BatchNorm that normalises fp16/bf16 inputs in fp32 and returns their dtype.
 
-    Under autocast, the forward-mode derivative of batch norm would otherwise hand the next
-    convolution an fp32 tangent for an fp16 output; computing in fp32 and casting back casts the
-    tangent too.
+    Under autocast, the forward-mode derivative of PyTorch's batch norm gives an fp32 tangent for
+    an fp16 output, which the next convolution's JVP rejects; computing in fp32 and casting back
+    casts the tangent too. fp32 and fp64 inputs take the plain path.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
-            return self._normalise(x.float()).to(x.dtype)
-        return self._normalise(x)
-
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
-            return super().forward(x)
-        out, mean, invstd = _TrainBatchNorm.apply(x, self.weight, self.bias, self.eps)
-        with torch.no_grad():  # running statistics, as nn.BatchNorm2d keeps them
-            n = x.numel() / x.shape[1]
-            var = (invstd.detach() ** -2 - self.eps) * (n / (n - 1))  # unbiased batch variance
-            self.running_mean.mul_(1 - self.momentum).add_(mean.detach(), alpha=self.momentum)
-            self.running_var.mul_(1 - self.momentum).add_(var, alpha=self.momentum)
-            self.num_batches_tracked.add_(1)
-        return out
+            return super().forward(x.float()).to(x.dtype)
+        return super().forward(x)
 
 
 class BasicBlock(nn.Module):
