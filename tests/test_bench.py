@@ -19,8 +19,8 @@ def test_bench_reports_every_variant_against_erm(tmp_path, capsys):
     for v in bench.VARIANTS:
         assert report["ratio_to_erm"][v] == pytest.approx(report["ms"][v] / report["ms"]["erm"])
         assert report["extra_peak_memory_mb"][v] > 0
-    # an MWN iteration does strictly more work than a plain step, by any clock
-    assert report["ratio_to_erm"]["mwn"] > 1.5
+    # memory is counted, not timed: an MWN iteration holds more than a plain step
+    assert report["extra_peak_memory_mb"]["mwn"] > report["extra_peak_memory_mb"]["erm"]
     assert "mwn / double_backward" in capsys.readouterr().out
 
 
