@@ -7,6 +7,7 @@ type, so that a misspelt key or a wrong type fails at start-up.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -76,6 +77,9 @@ class Config:
     val_every: int = MISSING
     log_every: int = MISSING
     eval_batch_size: int = MISSING
+    checkpoint_every: int = MISSING
+    resume: Optional[str] = MISSING  # noqa: UP045  (OmegaConf needs typing.Optional)
+    resume_fallback: bool = MISSING
 
 
 def register_schema() -> None:
@@ -109,6 +113,7 @@ def check_config(cfg: DictConfig) -> None:
         "val_every",
         "log_every",
         "eval_batch_size",
+        "checkpoint_every",
     ):
         need(OmegaConf.select(cfg, key) >= 1, key, "integers >= 1")
     for key in ("lr", "meta_lr"):

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,8 +19,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from mwn import checkpoint
 from mwn.accel import channels_last, make_step
 from mwn.config import ConfigError, check_config, register_schema
 from mwn.data import (
@@ -65,6 +68,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         raise ConfigError(
             f"cuda_graphs=true: needs a CUDA device, got {device.type}; allowed: false"
         )
+    if cfg.resume:  # continue that run in its own folder
+        out_dir = Path(to_absolute_path(cfg.resume))
+        if not out_dir.is_dir():
+            raise ConfigError(f"resume={cfg.resume!r}: no such run folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -128,12 +135,41 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         count_params(meta_params),
     )
 
+    # resume: the newest checkpoint in the run folder, if any, under the same settings
+    settings = OmegaConf.to_container(cfg, resolve=True)
+    start, best, last_eval, elapsed, metrics_bytes = 0, {"acc": -1.0}, None, 0.0, 0
+    ckpt = checkpoint.load(out_dir, device, cfg.resume_fallback)
+    if ckpt is not None:
+        checkpoint.check_same_settings(ckpt["config"], settings, ckpt["path"])
+        state, start, best = ckpt["state"], ckpt["iteration"], ckpt["best"]
+        last_eval, elapsed, metrics_bytes = (
+            ckpt["last_eval"],
+            ckpt["elapsed_s"],
+            ckpt["metrics_bytes"],
+        )
+        checkpoint.set_rng_states(ckpt["rng"])
+        log.info("resuming from %s at iteration %d", ckpt["path"], start)
+    elif cfg.resume:
+        raise checkpoint.CheckpointError(f"resume={cfg.resume!r}: no checkpoint-*.pt in {out_dir}")
+    metrics_path = out_dir / "metrics.jsonl"
+    with open(metrics_path, "ab") as f:  # drop lines written after the checkpoint
+        f.truncate(metrics_bytes)
+
     train_batches = Sampler(len(train_set), cfg.batch_size, cfg.seed, TRAIN, "batch_size")
     meta_batches = Sampler(len(meta_set), cfg.meta_batch_size, cfg.seed, META, "meta_batch_size")
     aug = (cfg.dataset.crop_padding, cfg.dataset.flip)
-    best, history = {"acc": -1.0}, []
-    with open(out_dir / "metrics.jsonl", "w") as metrics_file:
-        for it in range(cfg.train_iters):
+    stop = _SigtermFlag()
+    with open(metrics_path, "ab") as metrics_file, stop:
+
+        def save_checkpoint(done: int) -> Path:
+            metrics_file.flush()
+            return checkpoint.save(out_dir, done, {
+                "iteration": done, "state": state, "best": best, "last_eval": last_eval,
+                "metrics_bytes": metrics_file.tell(), "config": settings,
+                "elapsed_s": elapsed + time.perf_counter() - t_start,
+                "rng": checkpoint.rng_states()})  # fmt: skip
+
+        for it in range(start, cfg.train_iters):
             # learning rate and batches (seeded by iteration: replayable)
             lr = step_lr(cfg.lr, it, cfg.lr_milestones, cfg.lr_gamma)
             batch = train_set.batch(
@@ -151,55 +187,103 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             # validation and logging
             done = it + 1
             validate = done % cfg.val_every == 0 or done == cfg.train_iters
-            if done % cfg.log_every and not validate:
-                continue
-            record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
-            if cfg.fp16:
-                record.update(
-                    loss_scale=state["scaler"]["scale"].item(),
-                    skipped_steps=int(state["scaler"]["skipped"]),
-                )
-            if validate:
-                ev = evaluate(
-                    model, state["params"], state["buffers"], test_set, C, cfg.eval_batch_size
-                )
-                ev.update(shot_accuracy(ev["per_class_acc"], counts))
-                record["test_acc"] = ev["acc"]
-                history.append((done, ev["acc"]))
-                if ev["acc"] > best["acc"]:
-                    best = {**ev, "iter": done}
-                log.info(
-                    "iter %d  loss %.4f  %s test acc %.2f (best %.2f)",
-                    done,
-                    record["loss"],
-                    f"meta loss {record['meta_loss']:.4f}  " if "meta_loss" in record else "",
-                    ev["acc"],
-                    best["acc"],
-                )
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
+            if done % cfg.log_every == 0 or validate:
+                last_eval, best = _log(cfg, done, lr, metrics, state, validate, last_eval, best,
+                                       model, test_set, C, counts, metrics_file)  # fmt: skip
+
+            # checkpoint: periodically, at the end, and when asked to stop
+            if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stop.raised:
+                path = save_checkpoint(done)
+                if stop.raised:
+                    raise Preempted(f"stopped by SIGTERM at iteration {done}; checkpoint {path}; "
+                                    "rerun the same command to resume")  # fmt: skip
 
     summary = {
         "dataset": images.name,
         "method": cfg.method,
         "imbalance": cfg.imbalance,
         "seed": cfg.seed,
-        "final_acc": ev["acc"],
+        "final_acc": last_eval["acc"],
         "best_acc": best["acc"],
         "best_iter": best["iter"],
-        "final_per_class_acc": ev["per_class_acc"],
-        **{f"final_{k}": ev[k] for k in ("many_acc", "medium_acc", "few_acc")},
+        "final_per_class_acc": last_eval["per_class_acc"],
+        **{f"final_{k}": last_eval[k] for k in ("many_acc", "medium_acc", "few_acc")},
         **{f"best_{k}": best[k] for k in ("many_acc", "medium_acc", "few_acc")},
         "train_class_counts": counts,
         "meta_size": len(meta_set),
         "test_size": len(test_set),
         "iterations": cfg.train_iters,
-        "wall_time_s": time.perf_counter() - t_start,
+        "wall_time_s": elapsed + time.perf_counter() - t_start,
         "device": str(device),
         "skipped_steps": int(state["scaler"]["skipped"]) if cfg.fp16 else 0,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _log(
+    cfg,
+    done,
+    lr,
+    metrics,
+    state,
+    validate,
+    last_eval,
+    best,
+    model,
+    test_set,
+    C,
+    counts,
+    metrics_file,
+):
+    """One metrics.jsonl line; at validation steps also the test accuracy (and the best so far)."""
+    record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
+    if cfg.fp16:
+        record.update(
+            loss_scale=state["scaler"]["scale"].item(),
+            skipped_steps=int(state["scaler"]["skipped"]),
+        )
+    if validate:
+        last_eval = evaluate(
+            model, state["params"], state["buffers"], test_set, C, cfg.eval_batch_size
+        )
+        last_eval.update(shot_accuracy(last_eval["per_class_acc"], counts))
+        record["test_acc"] = last_eval["acc"]
+        if last_eval["acc"] > best["acc"]:
+            best = {**last_eval, "iter": done}
+        log.info(
+            "iter %d  loss %.4f  %s test acc %.2f (best %.2f)",
+            done,
+            record["loss"],
+            f"meta loss {record['meta_loss']:.4f}  " if "meta_loss" in record else "",
+            last_eval["acc"],
+            best["acc"],
+        )
+    metrics_file.write((json.dumps(record) + "\n").encode())
+    return last_eval, best
+
+
+class Preempted(RuntimeError):
+    """The run was asked to stop (SIGTERM) and saved a checkpoint first."""
+
+
+class _SigtermFlag:
+    """Within its block, SIGTERM only sets `raised` (checked once per iteration)."""
+
+    raised = False
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    def _on_term(self, signum, frame) -> None:
+        self.raised = True
+
+    def __exit__(self, *exc) -> None:
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
 
 
 def result_line(summary: dict) -> str:
@@ -217,9 +301,12 @@ def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train(cfg, out_dir)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, checkpoint.CheckpointError, Preempted) as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # a sweep reports the job as failed and goes on with the others
+        if isinstance(e, Preempted):
+            print(f"mwn: {e}", file=sys.stderr)
+            sys.exit(143)  # 128 + SIGTERM, as a process ended by it
         print(f"mwn: error: {e}", file=sys.stderr)
         sys.exit(2)
     print(result_line(summary), flush=True)

@@ -1,0 +1,141 @@
+"""Runs that survive: atomic checkpoints, exact resume after SIGKILL, SIGTERM, corrupt files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_train import make_cfg, run_cli
+
+from mwn import checkpoint
+from mwn.checkpoint import CheckpointError
+from mwn.config import ConfigError
+from mwn.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+ARGS = ["train_iters=200", "val_every=50", "log_every=10", "model.width=4", "checkpoint_every=20",
+        "device=cpu"]  # fmt: skip
+
+
+def summary_without_time(folder: Path) -> dict:
+    s = json.loads((folder / "summary.json").read_text())
+    s.pop("wall_time_s")
+    return s
+
+
+def final_state(folder: Path) -> dict:
+    return torch.load(checkpoint.checkpoints(folder)[0], weights_only=True)["state"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    assert summary_without_time(a) == summary_without_time(b)
+    sa, sb = final_state(a), final_state(b)
+    for group in ("params", "buffers", "momentum", "meta_params"):
+        for k in sa[group]:
+            assert torch.equal(sa[group][k], sb[group][k]), (group, k)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted run."""
+    folder = tmp_path_factory.mktemp("ref") / "run"
+    proc = run_cli(*ARGS, f"hydra.run.dir={folder}", cwd=folder.parent)
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in checkpoint.checkpoints(folder)] == [
+        "checkpoint-200.pt", "checkpoint-180.pt"]  # fmt: skip
+    return folder
+
+
+def start_and_wait_for(folder: Path, name: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "mwn.train", *ARGS, f"hydra.run.dir={folder}"],
+                            cwd=folder.parent, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while not (folder / name).exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc
+
+
+def test_sigkill_then_the_same_command_resumes_bit_identically(reference, tmp_path):
+    folder = tmp_path / "run"
+    proc = start_and_wait_for(folder, "checkpoint-40.pt")
+    proc.kill()
+    proc.wait()
+    assert not (folder / "summary.json").exists()  # it really died mid-run
+    again = run_cli(*ARGS, f"hydra.run.dir={folder}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in (folder / "train.log").read_text()
+    assert_same_run(reference, folder)
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
+    folder = tmp_path / "run"
+    proc = start_and_wait_for(folder, "checkpoint-40.pt")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mwn: stopped by SIGTERM at iteration ") and "Traceback" not in err
+    stopped_at = int(last.split("iteration ")[1].split(";")[0])
+    assert checkpoint.checkpoints(folder)[0].name == f"checkpoint-{stopped_at}.pt"
+    again = run_cli(*ARGS, f"hydra.run.dir={folder}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert_same_run(reference, folder)
+
+
+FAST = ["train_iters=30", "val_every=10", "log_every=5", "model.width=4", "checkpoint_every=10"]
+
+
+def test_a_corrupt_checkpoint_is_an_error_unless_fallback_is_asked(tmp_path):
+    train(make_cfg(*FAST), tmp_path)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    newest = checkpoint.checkpoints(tmp_path)[0]
+    assert newest.name == "checkpoint-30.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])  # truncated, as by a full disk
+    with pytest.raises(CheckpointError, match=r"checkpoint-30.pt: unreadable checkpoint"):
+        train(make_cfg(*FAST), tmp_path)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics  # nothing lost meanwhile
+    train(make_cfg(*FAST, "resume_fallback=true"), tmp_path)  # from checkpoint-20.pt
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_resume_refuses_other_settings_and_names_the_difference(tmp_path):
+    train(make_cfg(*FAST), tmp_path)
+    with pytest.raises(CheckpointError, match=r"was written with lr=0.05, this run has lr=0.2"):
+        train(make_cfg(*FAST, "lr=0.2"), tmp_path)
+
+
+def test_resume_points_at_another_run_folder(tmp_path):
+    first = tmp_path / "first"
+    train(make_cfg(*FAST, "train_iters=20"), first)
+    # a longer schedule continues the same run, in its folder
+    summary = train(make_cfg(*FAST, f"resume={first}"), tmp_path / "elsewhere")
+    assert summary["iterations"] == 30
+    assert json.loads((first / "summary.json").read_text())["iterations"] == 30
+    lines = (first / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(s)["iter"] for s in lines] == [5, 10, 15, 20, 25, 30]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"no checkpoint-\*.pt"):
+        train(make_cfg(*FAST, f"resume={tmp_path / 'empty'}"), tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"resume='.*nowhere': no such run folder"):
+        train(make_cfg(*FAST, f"resume={tmp_path / 'nowhere'}"), tmp_path / "y")
+
+
+def test_checkpoint_files_are_written_atomically(tmp_path):
+    path = checkpoint.save(tmp_path, 7, {"x": torch.ones(3)})
+    assert path.name == "checkpoint-7.pt" and not list(tmp_path.glob("*.tmp"))
+    for i in (8, 9):
+        checkpoint.save(tmp_path, i, {"x": torch.ones(3)})
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["checkpoint-9.pt",
+                                                                  "checkpoint-8.pt"]  # fmt: skip
+    (tmp_path / ".checkpoint-10.pt.tmp").write_bytes(b"half")  # a crash mid-write
+    assert checkpoint.load(tmp_path, torch.device("cpu"))["x"].tolist() == [1, 1, 1]
