@@ -188,8 +188,29 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             done = it + 1
             validate = done % cfg.val_every == 0 or done == cfg.train_iters
             if done % cfg.log_every == 0 or validate:
-                last_eval, best = _log(cfg, done, lr, metrics, state, validate, last_eval, best,
-                                       model, test_set, C, counts, metrics_file)  # fmt: skip
+                record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
+                if cfg.fp16:
+                    record.update(
+                        loss_scale=state["scaler"]["scale"].item(),
+                        skipped_steps=int(state["scaler"]["skipped"]),
+                    )
+                if validate:
+                    last_eval = evaluate(
+                        model, state["params"], state["buffers"], test_set, C, cfg.eval_batch_size
+                    )
+                    last_eval.update(shot_accuracy(last_eval["per_class_acc"], counts))
+                    record["test_acc"] = last_eval["acc"]
+                    if last_eval["acc"] > best["acc"]:
+                        best = {**last_eval, "iter": done}
+                    log.info(
+                        "iter %d  loss %.4f  %s test acc %.2f (best %.2f)",
+                        done,
+                        record["loss"],
+                        f"meta loss {record['meta_loss']:.4f}  " if "meta_loss" in record else "",
+                        last_eval["acc"],
+                        best["acc"],
+                    )
+                metrics_file.write((json.dumps(record) + "\n").encode())
 
             # checkpoint: periodically, at the end, and when asked to stop
             if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stop.raised:
@@ -219,48 +240,6 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-def _log(
-    cfg,
-    done,
-    lr,
-    metrics,
-    state,
-    validate,
-    last_eval,
-    best,
-    model,
-    test_set,
-    C,
-    counts,
-    metrics_file,
-):
-    """One metrics.jsonl line; at validation steps also the test accuracy (and the best so far)."""
-    record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
-    if cfg.fp16:
-        record.update(
-            loss_scale=state["scaler"]["scale"].item(),
-            skipped_steps=int(state["scaler"]["skipped"]),
-        )
-    if validate:
-        last_eval = evaluate(
-            model, state["params"], state["buffers"], test_set, C, cfg.eval_batch_size
-        )
-        last_eval.update(shot_accuracy(last_eval["per_class_acc"], counts))
-        record["test_acc"] = last_eval["acc"]
-        if last_eval["acc"] > best["acc"]:
-            best = {**last_eval, "iter": done}
-        log.info(
-            "iter %d  loss %.4f  %s test acc %.2f (best %.2f)",
-            done,
-            record["loss"],
-            f"meta loss {record['meta_loss']:.4f}  " if "meta_loss" in record else "",
-            last_eval["acc"],
-            best["acc"],
-        )
-    metrics_file.write((json.dumps(record) + "\n").encode())
-    return last_eval, best
 
 
 class Preempted(RuntimeError):
