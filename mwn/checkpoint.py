@@ -100,8 +100,11 @@ def load(folder: Path, device: torch.device, fallback: bool = False) -> dict | N
     return None
 
 
+# what may change between a run and its resumption: length, reporting, checkpointing, where the
+# data lives, and how (not what) the iteration computes
 RUN_CONTROL = {"train_iters", "val_every", "log_every", "eval_batch_size", "checkpoint_every",
-               "resume", "resume_fallback", "compile", "cuda_graphs", "data"}  # fmt: skip
+               "resume", "resume_fallback", "data", "device", "compile", "cuda_graphs",
+               "channels_last"}  # fmt: skip
 
 
 def check_same_settings(saved: dict, current: dict, path: str) -> None:
