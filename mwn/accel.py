@@ -74,8 +74,7 @@ def make_step(
 ) -> Callable[[dict, tuple, tuple | None, float | torch.Tensor], tuple[dict, dict]]:
     """`step` with model, meta-net and hyperparameters bound; compiled and/or graphed on request.
     With cuda_graphs, pass lr as a device tensor (a float would be frozen into the graph)."""
-    fn = functools.partial(step, model, meta_net, hp=hp)
-    bound = lambda state, batch, meta_batch, lr: fn(state, batch, meta_batch, lr)
+    bound = functools.partial(step, model, meta_net, hp=hp)
     if compile:
         bound = torch.compile(bound)
     return CudaGraphStep(bound) if cuda_graphs else bound

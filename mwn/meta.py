@@ -196,6 +196,9 @@ def mwn_step(
         "weighted_loss": (weights * out["losses"]).mean(),
         "meta_loss": out["meta_loss"],
         "mean_weight": weights.mean(),
+        "meta_grad_norm": torch.stack([g.square().sum() for g in out["meta_grad"].values()])
+        .sum()
+        .sqrt(),
     }
     if hp.fp16:  # overflow anywhere shows in the meta-gradient or the new parameters
         new_state = _skip_if_overflow(state, new_state, out["meta_grad"], params)

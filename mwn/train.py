@@ -161,7 +161,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     stop = _SigtermFlag()
     with open(metrics_path, "ab") as metrics_file, stop:
 
-        def save_checkpoint(done: int) -> Path:
+        def save_checkpoint(done: int, state: dict) -> Path:
             metrics_file.flush()
             return checkpoint.save(out_dir, done, {
                 "iteration": done, "state": state, "best": best, "last_eval": last_eval,
@@ -182,7 +182,18 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 )
             # one iteration: weights, lookahead, meta-gradient, meta update, classifier update
             lr_arg = torch.tensor(lr, device=device) if cfg.cuda_graphs else lr
+            before = state
             state, metrics = step(state, batch, meta_batch, lr_arg)
+
+            # a non-finite loss or meta-gradient stops an fp32 run (fp16 skips such steps)
+            if not cfg.fp16:
+                finite = torch.isfinite(torch.stack(list(metrics.values()))).tolist()
+                if not all(finite):
+                    good = step.static_in[0] if cfg.cuda_graphs else before  # replay overwrote
+                    path = save_checkpoint(it, good)
+                    bad = ", ".join(k for k, ok in zip(metrics, finite) if not ok)
+                    raise NonFinite(f"iteration {it + 1}: non-finite {bad} at lr {lr:g}; "
+                                    f"checkpoint of the last good state: {path}")  # fmt: skip
 
             # validation and logging
             done = it + 1
@@ -214,7 +225,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
 
             # checkpoint: periodically, at the end, and when asked to stop
             if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stop.raised:
-                path = save_checkpoint(done)
+                path = save_checkpoint(done, state)
                 if stop.raised:
                     raise Preempted(f"stopped by SIGTERM at iteration {done}; checkpoint {path}; "
                                     "rerun the same command to resume")  # fmt: skip
@@ -240,6 +251,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+class NonFinite(RuntimeError):
+    """A loss or meta-gradient went non-finite in fp32; the last good state was saved."""
 
 
 class Preempted(RuntimeError):
@@ -280,14 +295,14 @@ def main(cfg: DictConfig) -> float:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
         summary = train(cfg, out_dir)
-    except (ConfigError, DataError, checkpoint.CheckpointError, Preempted) as e:
+    except (ConfigError, DataError, checkpoint.CheckpointError, Preempted, NonFinite) as e:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # a sweep reports the job as failed and goes on with the others
         if isinstance(e, Preempted):
             print(f"mwn: {e}", file=sys.stderr)
             sys.exit(143)  # 128 + SIGTERM, as a process ended by it
         print(f"mwn: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(3 if isinstance(e, NonFinite) else 2)
     print(result_line(summary), flush=True)
     return summary["final_acc"]
 

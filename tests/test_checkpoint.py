@@ -15,7 +15,7 @@ from test_train import make_cfg, run_cli
 from mwn import checkpoint
 from mwn.checkpoint import CheckpointError
 from mwn.config import ConfigError
-from mwn.train import train
+from mwn.train import NonFinite, train
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGS = ["train_iters=200", "val_every=50", "log_every=10", "model.width=4", "checkpoint_every=20",
@@ -139,3 +139,31 @@ def test_checkpoint_files_are_written_atomically(tmp_path):
                                                                   "checkpoint-8.pt"]  # fmt: skip
     (tmp_path / ".checkpoint-10.pt.tmp").write_bytes(b"half")  # a crash mid-write
     assert checkpoint.load(tmp_path, torch.device("cpu"))["x"].tolist() == [1, 1, 1]
+
+
+def test_a_non_finite_loss_stops_the_run_after_saving_the_last_good_state(tmp_path):
+    with pytest.raises(NonFinite, match=r"iteration (\d+): non-finite (loss|weighted_loss|meta)"):
+        train(make_cfg(*FAST, "lr=1e30"), tmp_path)
+    newest = checkpoint.checkpoints(tmp_path)[0]
+    saved = torch.load(newest, weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in saved["state"]["params"].values())
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_others(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", "train_iters=20", "val_every=10", "checkpoint_every=10",
+            "model.width=4", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    first = run_cli(*args, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    metrics = {j: (sweep / j / "metrics.jsonl").read_text() for j in ("0", "1")}
+    # job 1 was cut short after its first checkpoint: remove what came later
+    (sweep / "1" / "checkpoint-20.pt").unlink()
+    (sweep / "1" / "summary.json").unlink()
+    second = run_cli(*args, cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    assert "checkpoint-20.pt at iteration 20" in (sweep / "0" / "train.log").read_text()
+    assert "checkpoint-10.pt at iteration 10" in (sweep / "1" / "train.log").read_text()
+    for j in ("0", "1"):
+        assert (sweep / j / "metrics.jsonl").read_text() == metrics[j]
+        assert json.loads((sweep / j / "summary.json").read_text())["iterations"] == 20
