@@ -104,7 +104,7 @@ def load(folder: Path, device: torch.device, fallback: bool = False) -> dict | N
 # data lives, and how (not what) the iteration computes
 RUN_CONTROL = {"train_iters", "val_every", "log_every", "eval_batch_size", "checkpoint_every",
                "resume", "resume_fallback", "data", "device", "compile", "cuda_graphs",
-               "channels_last"}  # fmt: skip
+               "channels_last", "deterministic"}  # fmt: skip
 
 
 def check_same_settings(saved: dict, current: dict, path: str) -> None:

@@ -6,7 +6,9 @@ type, so that a misspelt key or a wrong type fails at start-up.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
@@ -74,6 +76,7 @@ class Config:
     channels_last: bool = MISSING
     compile: bool = MISSING
     cuda_graphs: bool = MISSING
+    deterministic: bool = MISSING
     val_every: int = MISSING
     log_every: int = MISSING
     eval_batch_size: int = MISSING
@@ -124,3 +127,53 @@ def check_config(cfg: DictConfig) -> None:
     need(all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", "lists of iterations >= 1")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
+
+
+GROUPS = ("dataset", "model", "device")
+
+
+def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
+    """A one-line message for a command line that would fail, or None. Runs before Hydra, whose
+    own messages for unknown options, misspelt keys and wrong types span several lines."""
+    overrides = [a for a in argv if not a.startswith("-")]
+    for arg in overrides:
+        key, sep, value = arg.partition("=")
+        key = key.lstrip("+~")
+        if sep and key in GROUPS:
+            allowed = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
+            for v in value.split(","):
+                if v not in allowed:
+                    return f"{key}={v}: allowed values are {' | '.join(allowed)}"
+        folder = sep and key in ("hydra.run.dir", "hydra.sweep.dir")
+        if folder and (problem := _not_creatable(Path(value))):
+            return f"{key}={value}: {problem}"
+    if problem := _not_creatable(Path("outputs")):
+        return f"output folder: {problem}"
+    if "-m" in argv or "--multirun" in argv:
+        return None  # sweep values are checked per job
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    settings = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    try:
+        register_schema()
+        with initialize_config_dir(str(conf_dir), version_base="1.3"):
+            compose("config", overrides=settings)
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e.__cause__ or e).strip().splitlines()[0]  # e.g. Key 'x' not in 'Config'
+        override = next((o for o in settings if o in str(e)), None)
+        return f"{override}: {first}" if override else first
+    return None
+
+
+def _not_creatable(path: Path) -> str | None:
+    """Why a folder could not be created at path (None if it can)."""
+    p = path.absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"cannot create a folder there: {p} is a file"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"cannot create a folder there: {p} is not writable"
+    return None

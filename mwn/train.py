@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -23,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mwn import checkpoint
 from mwn.accel import channels_last, make_step
-from mwn.config import ConfigError, check_config, register_schema
+from mwn.config import ConfigError, check_command_line, check_config, register_schema
 from mwn.data import (
     DataError,
     DeviceImages,
@@ -74,6 +75,10 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             raise ConfigError(f"resume={cfg.resume!r}: no such run folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
+    if cfg.deterministic:  # bit-identical reruns on CUDA too, at some cost in speed
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
 
     # data: meta split out of the training split, then the long tail, all on the device
     images = load_dataset(cfg.dataset.name, to_absolute_path(cfg.data.root), cfg.data.download)
@@ -308,4 +313,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    if problem := check_command_line(sys.argv[1:], CONF_DIR):
+        print(f"mwn: error: {problem}", file=sys.stderr)
+        sys.exit(2)
     main()

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -124,14 +125,34 @@ def test_cli_runs_the_real_cifar_path_end_to_end(tmp_path):
 
 @pytest.mark.parametrize(
     "args,message",
-    [(["imbalance=0.5"], "mwn: error: imbalance=0.5: allowed values are real numbers >= 1"),
-     (["dataset=cifar10", "data.root=nowhere"], "mwn: error: cifar10 files not found in ")],
+    [(["imbalance=0.5"], "imbalance=0.5: allowed values are real numbers >= 1"),
+     (["meta_per_class=500"], "meta_per_class=500: class 0 has only"),
+     (["lr=-0.1"], "lr=-0.1: allowed values are real numbers > 0"),
+     (["batch_size=0"], "batch_size=0: allowed values are integers >= 1"),
+     (["train_iters=0"], "train_iters=0: allowed values are integers >= 1"),
+     (["hidden_size=0"], "hidden_size=0: allowed values are integers >= 1"),
+     (["dataset=svhn"], "dataset=svhn: allowed values are cifar10 | cifar100 | digits"),
+     (["device=tpu"], "device=tpu: allowed values are auto | cpu | cuda | mps"),
+     (["fp16=maybe"], "fp16=maybe: Value 'maybe' is not a valid bool"),
+     (["hiden_size=3"], "hiden_size=3: Key 'hiden_size' not in 'Config'"),
+     (["device=cpu", "fp16=true"], "fp16=true: needs a CUDA device, got cpu"),
+     (["device=cpu", "cuda_graphs=true"], "cuda_graphs=true: needs a CUDA device"),
+     (["dataset=cifar10", "data.root=nowhere"], "cifar10 files not found in "),
+     (["hydra.run.dir=BLOCKED/run"], "hydra.run.dir=BLOCKED/run: cannot create a folder there")],
 )  # fmt: skip
 def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path, args, message):
-    proc = run_cli(*args, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    (tmp_path / "BLOCKED").write_text("a file where a folder should go")
+    (tmp_path / "kept.txt").write_text("written before")
+    args = [a.replace("BLOCKED", str(tmp_path / "BLOCKED")) for a in args]
+    message = message.replace("BLOCKED", str(tmp_path / "BLOCKED"))
+    if not any(a.startswith("hydra.run.dir") for a in args):
+        args.append(f"hydra.run.dir={tmp_path / 'run'}")
+    proc = run_cli(*args, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith(message)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("mwn: error: " + message), proc.stderr
     assert "Traceback" not in proc.stderr
+    assert (tmp_path / "kept.txt").read_text() == "written before"
 
 
 def test_cli_multirun_sweeps_the_grid(tmp_path):
@@ -160,7 +181,7 @@ def test_fp16_run_reports_its_loss_scale(tmp_path, monkeypatch):
 
 def test_speed_options_change_speed_not_results(tmp_path):
     base = train(make_cfg(*FAST, "train_iters=3"), tmp_path / "base")
-    for option in ("channels_last=true", "meta_grad=double_backward"):
+    for option in ("channels_last=true", "meta_grad=double_backward", "deterministic=true"):
         other = train(make_cfg(*FAST, "train_iters=3", option), tmp_path / option)
         a = (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()
         b = (tmp_path / option / "metrics.jsonl").read_text().splitlines()
@@ -168,6 +189,8 @@ def test_speed_options_change_speed_not_results(tmp_path):
             for key in ("loss", "meta_loss", "mean_weight"):
                 assert lb[key] == pytest.approx(la[key], rel=1e-4), (option, key)
         assert other["final_acc"] == pytest.approx(base["final_acc"], abs=0.5)
+    assert torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(False)  # process-wide: leave it as it was
 
 
 @pytest.mark.parametrize(
@@ -178,3 +201,13 @@ def test_speed_options_change_speed_not_results(tmp_path):
 def test_speed_options_are_checked(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
         train(make_cfg("device=cpu", override), tmp_path)
+
+
+def test_cli_names_a_malformed_dataset_file(tmp_path):
+    folder = write_cifar(tmp_path / "cifar", "cifar10", per_class=110)
+    (folder / "data_batch_2").write_bytes(b"not a pickle")
+    proc = run_cli("dataset=cifar10", f"data.root={tmp_path / 'cifar'}",
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mwn: error: ") and "data_batch_2: not a CIFAR python batch" in last
