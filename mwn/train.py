@@ -301,8 +301,8 @@ def main(cfg: DictConfig) -> float:
     try:
         summary = train(cfg, out_dir)
     except (ConfigError, DataError, checkpoint.CheckpointError, Preempted, NonFinite) as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # a sweep reports the job as failed and goes on with the others
+        if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # a sweep reports the job as failed and goes on; or the user asked for it all
         if isinstance(e, Preempted):
             print(f"mwn: {e}", file=sys.stderr)
             sys.exit(143)  # 128 + SIGTERM, as a process ended by it

@@ -211,3 +211,21 @@ def test_cli_names_a_malformed_dataset_file(tmp_path):
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("mwn: error: ") and "data_batch_2: not a CIFAR python batch" in last
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_device_cuda_without_cuda_is_one_line(tmp_path):
+    proc = run_cli("device=cuda", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "mwn: error: device=cuda: CUDA is not available here; allowed values: auto | cpu"
+    )
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    env_run = subprocess.run(
+        [sys.executable, "-m", "mwn.train", "imbalance=0.5", f"hydra.run.dir={tmp_path / 'r'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "1"})  # fmt: skip
+    assert env_run.returncode != 0
+    assert "Traceback" in env_run.stderr and "imbalance=0.5" in env_run.stderr
