@@ -147,7 +147,8 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
         folder = sep and key in ("hydra.run.dir", "hydra.sweep.dir")
         if folder and (problem := _not_creatable(Path(value))):
             return f"{key}={value}: {problem}"
-    if problem := _not_creatable(Path("outputs")):
+    chosen = any(a.partition("=")[0] in ("hydra.run.dir", "hydra.sweep.dir") for a in overrides)
+    if not chosen and (problem := _not_creatable(Path("outputs"))):  # Hydra's default place
         return f"output folder: {problem}"
     if "-m" in argv or "--multirun" in argv:
         return None  # sweep values are checked per job

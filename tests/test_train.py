@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from mwn import train as train_mod
-from mwn.config import ConfigError
+from mwn.config import ConfigError, check_command_line
 from mwn.train import CONF_DIR, result_line, train
 
 from conftest import write_cifar
@@ -229,3 +229,11 @@ def test_hydra_full_error_shows_the_traceback(tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "1"})  # fmt: skip
     assert env_run.returncode != 0
     assert "Traceback" in env_run.stderr and "imbalance=0.5" in env_run.stderr
+
+
+def test_the_default_output_folder_is_checked_only_when_it_is_used(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").write_text("a file where Hydra's run folders would go")
+    problem = check_command_line([], CONF_DIR)
+    assert problem.startswith("output folder: cannot create a folder there: ")
+    assert check_command_line([f"hydra.run.dir={tmp_path / 'elsewhere'}"], CONF_DIR) is None
