@@ -41,6 +41,11 @@ class DeviceConfig:
 
 
 @dataclass
+class LoggerConfig:
+    name: str = MISSING  # none | tensorboard (metrics.jsonl is always written)
+
+
+@dataclass
 class DataConfig:
     root: str = MISSING  # folder of downloaded datasets, relative to the launch directory
     download: bool = MISSING
@@ -52,6 +57,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     method: str = MISSING
     seed: int = MISSING
     imbalance: float = MISSING
@@ -79,6 +85,7 @@ class Config:
     deterministic: bool = MISSING
     val_every: int = MISSING
     log_every: int = MISSING
+    progress: str = MISSING
     eval_batch_size: int = MISSING
     checkpoint_every: int = MISSING
     resume: Optional[str] = MISSING  # noqa: UP045  (OmegaConf needs typing.Optional)
@@ -92,6 +99,8 @@ def register_schema() -> None:
 METHODS = ("mwn", "erm")
 META_GRADS = ("jvp", "double_backward")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+LOGGERS = ("none", "tensorboard")
+PROGRESS = ("auto", "bar", "log", "none")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -105,6 +114,8 @@ def check_config(cfg: DictConfig) -> None:
     need(cfg.meta_grad in META_GRADS, "meta_grad", " | ".join(META_GRADS))
     need(not (cfg.fp16 and cfg.meta_grad == "double_backward"), "meta_grad", "jvp with fp16=true")
     need(cfg.device.name in DEVICES, "device.name", " | ".join(DEVICES))
+    need(cfg.logger.name in LOGGERS, "logger.name", " | ".join(LOGGERS))
+    need(cfg.progress in PROGRESS, "progress", " | ".join(PROGRESS))
     need(cfg.imbalance >= 1, "imbalance", "real numbers >= 1")
     for key in (
         "train_iters",
@@ -129,7 +140,7 @@ def check_config(cfg: DictConfig) -> None:
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
 
 
-GROUPS = ("dataset", "model", "device")
+GROUPS = ("dataset", "model", "device", "logger")
 
 
 def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
@@ -144,6 +155,8 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
             for v in value.split(","):
                 if v not in allowed:
                     return f"{key}={v}: allowed values are {' | '.join(allowed)}"
+        if sep and key == "hydra/launcher" and (problem := _launcher_missing(value)):
+            return f"{key}={value}: {problem}"
         folder = sep and key in ("hydra.run.dir", "hydra.sweep.dir")
         if folder and (problem := _not_creatable(Path(value))):
             return f"{key}={value}: {problem}"
@@ -166,6 +179,30 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
         override = next((o for o in settings if o in str(e)), None)
         return f"{override}: {first}" if override else first
     return None
+
+
+LAUNCHER_PLUGINS = {  # launcher option: (module, package, extra)
+    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "joblib"),
+    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
+}
+
+
+def _launcher_missing(option: str) -> str | None:
+    """Why a Hydra launcher option cannot be used here (its plugin is not installed), or None."""
+    import importlib.util
+
+    if option not in LAUNCHER_PLUGINS:
+        return None  # Hydra names the options it knows
+    module, package, extra = LAUNCHER_PLUGINS[option]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        found = False
+    if found:
+        return None
+    return f"needs the {package} package (pip install -e '.[{extra}]'); allowed without it: basic"
 
 
 def _not_creatable(path: Path) -> str | None:

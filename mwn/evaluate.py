@@ -1,5 +1,6 @@
 """Test accuracy: overall, per class, and by shot group (many > 100, medium 20-100, few < 20
-training images, the long-tail reporting convention)."""
+training images, the long-tail reporting convention); and what the meta-net does: its weighting
+function on a grid of losses and the weights it gives a batch."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from torch import nn
 from torch.func import functional_call
 
 from mwn.data import DeviceImages
+from mwn.meta import per_sample_loss, sample_weights
 
 Tensors = dict[str, torch.Tensor]
 
@@ -37,16 +39,42 @@ def evaluate(
     return {"acc": 100.0 * correct.sum().item() / total.sum().item(), "per_class_acc": per_class}
 
 
+SHOT_GROUPS = ("many", "medium", "few")
+
+
+def shot_group(train_count: int) -> str:
+    """many (> 100 training images), medium (20-100) or few (< 20)."""
+    return "many" if train_count > 100 else "medium" if train_count >= 20 else "few"
+
+
 def shot_accuracy(per_class_acc: list[float], train_counts: list[int]) -> dict:
     """Mean per-class accuracy of the many-, medium- and few-shot classes (None if a group is
     empty)."""
-    groups = {
-        "many": lambda n: n > 100,
-        "medium": lambda n: 20 <= n <= 100,
-        "few": lambda n: n < 20,
-    }
     out = {}
-    for name, member in groups.items():
-        accs = [a for a, n in zip(per_class_acc, train_counts) if member(n)]
+    for name in SHOT_GROUPS:
+        accs = [a for a, n in zip(per_class_acc, train_counts) if shot_group(n) == name]
         out[f"{name}_acc"] = sum(accs) / len(accs) if accs else None
     return out
+
+
+WEIGHT_FN_LOSSES = [i / 5 for i in range(51)]  # 0, 0.2, ..., 10: where the weighting is drawn
+
+
+@torch.no_grad()
+def weighting(
+    model: nn.Module,
+    meta_net: nn.Module,
+    state: dict,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    fp16: bool = False,
+) -> dict:
+    """The meta-net's weight V(L) at WEIGHT_FN_LOSSES, and for each sample of `batch` its label,
+    its loss under the current classifier (training mode; buffers untouched) and V(loss)."""
+    x, y = batch
+    grid = torch.tensor(WEIGHT_FN_LOSSES, device=y.device)
+    curve = sample_weights(meta_net, state["meta_params"], grid, normalize=False)
+    losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, fp16)
+    weights = sample_weights(meta_net, state["meta_params"], losses, normalize=False)
+    r = lambda t: [round(v, 6) for v in t.float().tolist()]
+    return {"weight_fn": r(curve), "batch": {"label": y.tolist(), "loss": r(losses),
+                                             "weight": r(weights)}}  # fmt: skip

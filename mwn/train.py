@@ -6,6 +6,7 @@ per iteration, validation, logging) and writes `metrics.jsonl` and `summary.json
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -34,10 +35,12 @@ from mwn.data import (
     make_long_tail,
     split_meta,
 )
-from mwn.evaluate import evaluate, shot_accuracy
+from mwn.evaluate import SHOT_GROUPS, WEIGHT_FN_LOSSES, evaluate, shot_accuracy, weighting
 from mwn.meta import StepHP, erm_step, mwn_step, scaler_init
 from mwn.models import MetaNet, build_classifier, count_params, extract_state
+from mwn.monitor import Progress, TensorBoard
 from mwn.optim import adam_init, sgd_init, step_lr
+from mwn.report import plot_run_or_note
 
 log = logging.getLogger(__name__)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -156,6 +159,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         log.info("resuming from %s at iteration %d", ckpt["path"], start)
     elif cfg.resume:
         raise checkpoint.CheckpointError(f"resume={cfg.resume!r}: no checkpoint-*.pt in {out_dir}")
+    board = TensorBoard(out_dir, start) if cfg.logger.name == "tensorboard" else None
     metrics_path = out_dir / "metrics.jsonl"
     with open(metrics_path, "ab") as f:  # drop lines written after the checkpoint
         f.truncate(metrics_bytes)
@@ -164,7 +168,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     meta_batches = Sampler(len(meta_set), cfg.meta_batch_size, cfg.seed, META, "meta_batch_size")
     aug = (cfg.dataset.crop_padding, cfg.dataset.flip)
     stop = _SigtermFlag()
-    with open(metrics_path, "ab") as metrics_file, stop:
+    progress = Progress(cfg.progress, cfg.train_iters, start)
+    with open(metrics_path, "ab") as metrics_file, stop, _closing(progress, board):
 
         def save_checkpoint(done: int, state: dict) -> Path:
             metrics_file.flush()
@@ -216,21 +221,26 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                     )
                     last_eval.update(shot_accuracy(last_eval["per_class_acc"], counts))
                     record["test_acc"] = last_eval["acc"]
+                    record.update({k: last_eval[k] for k in LONG_TAIL_KEYS})
+                    if cfg.method == "mwn":  # the weighting now, for the plots and reports
+                        record.update(weighting(model, meta_net, state, batch, cfg.fp16))
                     if last_eval["acc"] > best["acc"]:
                         best = {**last_eval, "iter": done}
-                    log.info(
-                        "iter %d  loss %.4f  %s test acc %.2f (best %.2f)",
-                        done,
-                        record["loss"],
-                        f"meta loss {record['meta_loss']:.4f}  " if "meta_loss" in record else "",
-                        last_eval["acc"],
-                        best["acc"],
-                    )
+                    shots = "  ".join(f"{g} {last_eval[g + '_acc']:.2f}" for g in SHOT_GROUPS
+                                      if last_eval[g + "_acc"] is not None)  # fmt: skip
+                    progress.write(f"iter {done}  test acc {last_eval['acc']:.2f} "
+                                   f"(best {best['acc']:.2f})  {shots}")  # fmt: skip
                 metrics_file.write((json.dumps(record) + "\n").encode())
+                if board is not None:
+                    board.write(record)
+                progress.update(done, record)
+            else:
+                progress.update(done, None)
 
             # checkpoint: periodically, at the end, and when asked to stop
             if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stop.raised:
                 path = save_checkpoint(done, state)
+                progress.write(f"checkpoint {path.name}")
                 if stop.raised:
                     raise Preempted(f"stopped by SIGTERM at iteration {done}; checkpoint {path}; "
                                     "rerun the same command to resume")  # fmt: skip
@@ -247,6 +257,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         **{f"final_{k}": last_eval[k] for k in ("many_acc", "medium_acc", "few_acc")},
         **{f"best_{k}": best[k] for k in ("many_acc", "medium_acc", "few_acc")},
         "train_class_counts": counts,
+        "weight_fn_losses": WEIGHT_FN_LOSSES,
         "meta_size": len(meta_set),
         "test_size": len(test_set),
         "iterations": cfg.train_iters,
@@ -256,6 +267,19 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+LONG_TAIL_KEYS = ("per_class_acc", "many_acc", "medium_acc", "few_acc")
+
+
+@contextlib.contextmanager
+def _closing(*things):
+    try:
+        yield
+    finally:
+        for thing in things:
+            if thing is not None:
+                thing.close()
 
 
 class NonFinite(RuntimeError):
@@ -296,18 +320,28 @@ register_schema()
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    error_file = out_dir / "error.json"  # a failed sweep job's row in the sweep summary
+    error_file.unlink(missing_ok=True)
     try:
         summary = train(cfg, out_dir)
-    except (ConfigError, DataError, checkpoint.CheckpointError, Preempted, NonFinite) as e:
-        if HydraConfig.get().mode == RunMode.MULTIRUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise  # a sweep reports the job as failed and goes on; or the user asked for it all
-        if isinstance(e, Preempted):
-            print(f"mwn: {e}", file=sys.stderr)
-            sys.exit(143)  # 128 + SIGTERM, as a process ended by it
+    except Preempted as e:  # stop: a run or a whole sweep, resumable
+        print(f"mwn: {e}", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as a process ended by it
+    except Exception as e:
+        known = isinstance(e, (ConfigError, DataError, checkpoint.CheckpointError, NonFinite))
+        if sweep:  # the job fails, the sweep goes on; the summary shows the error
+            message = str(e) if known else f"{type(e).__name__}: {e}"
+            log.error("mwn: error: %s", message, exc_info=not known)
+            error_file.write_text(json.dumps({"error": message}) + "\n")
+            return None
+        if not known or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise  # a bug's traceback; or the user asked for it all
         print(f"mwn: error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, NonFinite) else 2)
+    plot_run_or_note(out_dir)
     print(result_line(summary), flush=True)
     return summary["final_acc"]
 
@@ -316,4 +350,8 @@ if __name__ == "__main__":
     if problem := check_command_line(sys.argv[1:], CONF_DIR):
         print(f"mwn: error: {problem}", file=sys.stderr)
         sys.exit(2)
-    main()
+    # run the task from the importable module, not __main__: parallel launchers (joblib,
+    # submitit) pickle it, and a function of __main__ would be pickled by value, globals and all
+    from mwn.train import main as importable_main
+
+    importable_main()

@@ -1,0 +1,135 @@
+"""The figures of one run, drawn from its metrics.jsonl and summary.json (matplotlib, the `plot`
+extra). Uses matplotlib's object API only: no pyplot, no global backend state.
+
+- weight_fn.png: the learned weighting function, weight against loss, at several points in
+  training (the MWN paper's figure);
+- accuracy.png: test accuracy over training, overall and by shot group;
+- per_class.png: final accuracy of each class, beside its number of training images;
+- weights_hist.png: the meta-net's weights for the latest training batch, by the frequency of the
+  sample's class (and by clean / corrupted label where labels were corrupted).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+
+from mwn.evaluate import SHOT_GROUPS, WEIGHT_FN_LOSSES, shot_group
+
+DPI = 120
+SHOT_LABELS = {"many": "many-shot (> 100)", "medium": "medium (20-100)", "few": "few-shot (< 20)"}
+
+
+def read_run(folder: Path) -> tuple[list[dict], dict]:
+    """The validation records of metrics.jsonl, and summary.json ({} while the run is going)."""
+    records = [json.loads(s) for s in (folder / "metrics.jsonl").read_text().splitlines() if s]
+    summary_file = folder / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return [r for r in records if "test_acc" in r], summary
+
+
+def plot_run(folder: Path) -> list[Path]:
+    """Draw every figure the run's records allow into the run folder; returns their paths."""
+    evals, summary = read_run(folder)
+    if not evals:
+        return []
+    counts = summary.get("train_class_counts")
+    title = f"{summary.get('dataset', folder.name)} {summary.get('method', '')}".strip()
+    out = [_accuracy(folder / "accuracy.png", evals, title)]
+    if "per_class_acc" in evals[-1]:
+        out.append(_per_class(folder / "per_class.png", evals[-1], counts, title))
+    if "weight_fn" in evals[-1]:
+        losses = summary.get("weight_fn_losses", WEIGHT_FN_LOSSES)
+        out.append(_weight_fn(folder / "weight_fn.png", evals, losses, title))
+        out.append(_weights_hist(folder / "weights_hist.png", evals[-1], counts, title))
+    return out
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    return path
+
+
+def _spread(items: list, k: int) -> list:
+    """k items evenly spread over the list, first and last included."""
+    if len(items) <= k:
+        return items
+    return [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+def _weight_fn(path: Path, evals: list[dict], losses: list[float], title: str) -> Path:
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.add_subplot()
+    shown = _spread(evals, 5)
+    cmap = matplotlib.colormaps["viridis"]
+    for i, r in enumerate(shown):
+        color = cmap(i / max(len(shown) - 1, 1))
+        ax.plot(losses, r["weight_fn"], color=color, label=f"iter {r['iter']}")
+    batch = evals[-1]["batch"]
+    ax.scatter(batch["loss"], batch["weight"], s=6, color="tab:red", alpha=0.5, zorder=3,
+               label=f"latest batch (iter {evals[-1]['iter']})")  # fmt: skip
+    ax.set(xlabel="training loss", ylabel="weight V(loss)", title=f"{title}: learned weighting")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _accuracy(path: Path, evals: list[dict], title: str) -> Path:
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.add_subplot()
+    iters = [r["iter"] for r in evals]
+    ax.plot(iters, [r["test_acc"] for r in evals], label="all classes", color="black")
+    for g in SHOT_GROUPS:
+        ys = [r.get(f"{g}_acc") for r in evals]
+        if any(y is not None for y in ys):
+            ax.plot(iters, ys, "--", label=SHOT_LABELS[g])
+    ax.set(xlabel="iteration", ylabel="test accuracy (%)", title=f"{title}: test accuracy")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _per_class(path: Path, last: dict, counts: list[int] | None, title: str) -> Path:
+    acc = last["per_class_acc"]
+    fig = Figure(figsize=(max(5, 0.12 * len(acc) + 2), 3.6))
+    ax = fig.add_subplot()
+    ax.bar(range(len(acc)), acc, color="tab:blue")
+    ax.set(xlabel="class", ylabel="test accuracy (%)", ylim=(0, 100),
+           title=f"{title}: per class at iteration {last['iter']}")  # fmt: skip
+    if counts:
+        ax2 = ax.twinx()
+        ax2.plot(range(len(counts)), counts, "o-", color="tab:orange", markersize=3)
+        ax2.set_yscale("log")
+        ax2.set_ylabel("training images", color="tab:orange")
+    return _save(fig, path)
+
+
+def _weights_hist(path: Path, last: dict, counts: list[int] | None, title: str) -> Path:
+    batch = last["batch"]
+    splits = []
+    if counts:
+        groups = [shot_group(counts[y]) for y in batch["label"]]
+        splits.append({SHOT_LABELS[g]: [w for w, h in zip(batch["weight"], groups) if h == g]
+                       for g in SHOT_GROUPS})  # fmt: skip
+    else:
+        splits.append({"all samples": batch["weight"]})
+    if "noisy" in batch:
+        pairs = list(zip(batch["weight"], batch["noisy"]))
+        splits.append({"clean label": [w for w, n in pairs if not n],
+                       "corrupted label": [w for w, n in pairs if n]})  # fmt: skip
+    bins = np.histogram_bin_edges(batch["weight"], bins=20)  # shared, so heights compare
+    fig = Figure(figsize=(5 * len(splits), 3.6))
+    for i, split in enumerate(splits):
+        ax = fig.add_subplot(1, len(splits), i + 1)
+        for label, ws in split.items():
+            if ws:
+                ax.hist(ws, bins=bins, alpha=0.6, label=f"{label}: {len(ws)}")
+        ax.set(xlabel="weight V(loss)", ylabel="samples",
+               title=f"{title}: batch weights, iteration {last['iter']}")  # fmt: skip
+        ax.legend(fontsize="small")
+    return _save(fig, path)

@@ -1,0 +1,220 @@
+"""Reports from what runs wrote to disk: the sweep summary table and each run's plots.
+
+`python -m mwn.report PATH` (re)builds them for a run folder or a sweep folder, so old results
+can be compared without re-training; Hydra calls `SweepSummary` when a multirun ends.
+
+A job's row comes from its folder: `.hydra/overrides.yaml` (what the job changed),
+`summary.json` (a finished job) or `error.json` (a failed one, written by mwn.train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import statistics
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+ACCURACIES = ("final_acc", "best_acc", "final_many_acc", "final_medium_acc", "final_few_acc")
+HEADS = {"final_acc": "final", "best_acc": "best", "final_many_acc": "many",
+         "final_medium_acc": "medium", "final_few_acc": "few"}  # fmt: skip
+
+
+def read_job(folder: Path) -> dict:
+    """One row: job, overrides {key: value}, status (done | failed | unfinished), error, and the
+    accuracies and wall time of summary.json."""
+    overrides_file = folder / ".hydra" / "overrides.yaml"
+    overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
+    row: dict = {"job": folder.name, "folder": str(folder), "status": "unfinished", "error": ""}
+    row["overrides"] = dict(o.partition("=")[::2] for o in overrides)
+    if (folder / "error.json").is_file():
+        row.update(status="failed", error=json.loads((folder / "error.json").read_text())["error"])
+    elif (folder / "summary.json").is_file():
+        summary = json.loads((folder / "summary.json").read_text())
+        row.update(status="done", wall_time_s=summary["wall_time_s"])
+        row.update({k: summary.get(k) for k in ACCURACIES})
+    return row
+
+
+def job_folders(sweep: Path) -> list[Path]:
+    """The job folders of a sweep folder, in job order."""
+    jobs = [p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml")]
+    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0,
+                                       p.name))  # fmt: skip
+
+
+def is_sweep(path: Path) -> bool:
+    return bool(job_folders(path)) and not (path / "metrics.jsonl").exists()
+
+
+def sweep_rows(sweep: Path) -> tuple[list[dict], dict, list[str]]:
+    """Rows sorted by final accuracy (failed and unfinished jobs last), the overrides common to
+    all jobs, and the keys that vary between them."""
+    rows = [read_job(f) for f in job_folders(sweep)]
+    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
+    values = {k: {r["overrides"].get(k) for r in rows} for k in keys}
+    common = {k: next(iter(v)) for k, v in values.items() if len(v) == 1 and None not in v}
+    varying = [k for k in keys if k not in common]
+    rows.sort(key=lambda r: (r["status"] != "done", -(r.get("final_acc") or 0.0)))
+    return rows, common, varying
+
+
+def seed_groups(rows: list[dict], varying: list[str]) -> list[dict]:
+    """Rows that differ only in `seed`, as mean and sample std (n-1) of each accuracy and the wall
+    time over their finished jobs; sorted by mean final accuracy. Empty without a seed sweep."""
+    if "seed" not in varying:
+        return []
+    others = [k for k in varying if k != "seed"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "done":
+            groups.setdefault(tuple(r["overrides"].get(k) for k in others), []).append(r)
+    out = []
+    for key, members in groups.items():
+        g = {"overrides": dict(zip(others, key)), "seeds": len(members)}
+        g["seed_values"] = sorted((m["overrides"]["seed"] for m in members), key=_natural)
+        for k in (*ACCURACIES, "wall_time_s"):
+            xs = [m[k] for m in members if m.get(k) is not None]
+            g[k] = statistics.mean(xs) if xs else None
+            g[k + "_std"] = statistics.stdev(xs) if len(xs) > 1 else None
+        out.append(g)
+    return sorted(out, key=lambda g: -(g["final_acc"] or 0.0))
+
+
+def _natural(text: str) -> tuple:
+    return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
+
+
+def _acc(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.2f}" if std is None else f"{value:.2f} ± {std:.2f}"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def markdown(sweep: Path, rows: list[dict], common: dict, varying: list[str]) -> str:
+    done = sum(r["status"] == "done" for r in rows)
+    lines = [f"# Sweep {sweep}", "",
+             f"{len(rows)} jobs: {done} done, {sum(r['status'] == 'failed' for r in rows)} failed, "
+             f"{sum(r['status'] == 'unfinished' for r in rows)} unfinished. Test accuracy (%), "
+             "sorted by final accuracy; many/medium/few: final accuracy of the classes with "
+             "> 100, 20-100, < 20 training images.", ""]  # fmt: skip
+    if common:
+        lines += ["Common: " + " ".join(f"`{k}={v}`" for k, v in common.items()), ""]
+    head = ["job", *varying, *HEADS.values(), "time (s)", "status"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
+        time_s = f"{r['wall_time_s']:.0f}" if r.get("wall_time_s") is not None else "-"
+        cells = [r["job"], *(r["overrides"].get(k, "") for k in varying),
+                 *(_acc(r.get(k)) for k in HEADS), time_s, status]  # fmt: skip
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    groups = seed_groups(rows, varying)
+    if groups:
+        others = [k for k in varying if k != "seed"]
+        head = [*others, "seeds", *HEADS.values(), "time (s)"]
+        lines += ["", "## Across seeds (mean ± sample std over the finished seeds)", "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+        for g in groups:
+            accs = [_acc(g[k], g[k + "_std"]) for k in HEADS]
+            cells = [*(g["overrides"][k] for k in others), g["seeds"], *accs,
+                     f"{g['wall_time_s']:.0f}"]  # fmt: skip
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep_summary(sweep: Path) -> tuple[str, list[dict]]:
+    """Write summary.csv, summary.md (and summary_seeds.csv for a seed sweep) into the sweep
+    folder; returns the markdown and the rows."""
+    rows, common, varying = sweep_rows(sweep)
+    fields = ["job", *varying, "status", *ACCURACIES, "wall_time_s", "overrides", "error", "folder"]
+    with open(sweep / "summary.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            overrides = " ".join(f"{k}={v}" for k, v in r["overrides"].items())
+            w.writerow({**r, **{k: r["overrides"].get(k, "") for k in varying},
+                        "overrides": overrides})  # fmt: skip
+    groups = seed_groups(rows, varying)
+    if groups:
+        others = [k for k in varying if k != "seed"]
+        stats = [s for k in (*ACCURACIES, "wall_time_s") for s in (k, k + "_std")]
+        with open(sweep / "summary_seeds.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=[*others, "seeds", "seed_values", *stats])
+            w.writeheader()
+            for g in groups:
+                w.writerow({**g["overrides"], **{k: g[k] for k in ("seeds", *stats)},
+                            "seed_values": " ".join(g["seed_values"])})  # fmt: skip
+    text = markdown(sweep, rows, common, varying)
+    (sweep / "summary.md").write_text(text)
+    return text, rows
+
+
+def plot_run_or_note(folder: Path) -> list[Path]:
+    """The run's plots, or a logged note (and none) when matplotlib is not installed."""
+    try:
+        from mwn.plots import plot_run
+    except ImportError:
+        log.warning("plots skipped: matplotlib is not installed (pip install -e '.[plot]')")
+        return []
+    return plot_run(folder)
+
+
+class SweepSummary(Callback):
+    """Hydra callback: when a multirun ends, write and print the sweep's summary; exit 1 (after
+    writing it) if any job failed."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        text, rows = write_sweep_summary(sweep)
+        print(text, flush=True)
+        failed = [r for r in rows if r["status"] == "failed"]
+        if failed:
+            print(f"mwn: {len(failed)} of {len(rows)} jobs failed; see {sweep / 'summary.md'}",
+                  file=sys.stderr)  # fmt: skip
+            sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mwn.report",
+        description="Rebuild the plots of a run folder, or the plots of every job and the "
+        "summary table (summary.csv, summary.md) of a sweep folder.",
+    )
+    parser.add_argument("path", type=Path, help="a run folder or a sweep folder")
+    parser.add_argument("--no-plots", action="store_true", help="only the summary table")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    path = args.path
+    if not path.is_dir():
+        parser.error(f"{path}: no such folder")
+    if is_sweep(path):
+        runs = job_folders(path)
+    elif (path / "metrics.jsonl").is_file():
+        runs = [path]
+    else:
+        parser.error(f"{path}: neither a run folder (metrics.jsonl) nor a sweep folder "
+                     "(job folders with .hydra/overrides.yaml)")  # fmt: skip
+    if not args.no_plots:
+        for run in runs:
+            if (run / "metrics.jsonl").is_file():
+                for p in plot_run_or_note(run):
+                    print(p)
+    if runs != [path]:
+        text, _ = write_sweep_summary(path)
+        print(text)
+        print(path / "summary.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

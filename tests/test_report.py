@@ -1,0 +1,216 @@
+"""The experiment workflow: sweep summaries (against the jobs' own summary.json), failed jobs,
+seed aggregation, the report command, plots, progress, TensorBoard, launchers."""
+
+import csv
+import json
+import logging
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from test_train import make_cfg, run_cli
+
+from mwn import monitor, report
+from mwn.config import check_command_line
+from mwn.evaluate import WEIGHT_FN_LOSSES, shot_accuracy
+from mwn.meta import sample_weights
+from mwn.models import MetaNet
+from mwn.train import CONF_DIR, train
+
+TINY = ["train_iters=6", "val_every=3", "log_every=3", "model.width=4", "device=cpu"]
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_a_joblib_sweep_writes_a_summary_that_matches_its_jobs(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                   "meta_lr=1e-5,1e-1", "hidden_size=50,100", *TINY,
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Joblib.Parallel" in proc.stdout + proc.stderr  # jobs really went through joblib
+    rows = read_csv(sweep / "summary.csv")
+    assert len(rows) == 4
+    seen = set()
+    for row in rows:
+        job = json.loads((Path(row["folder"]) / "summary.json").read_text())
+        assert row["status"] == "done" and row["error"] == ""
+        for key in ("final_acc", "best_acc", "final_many_acc", "final_medium_acc",
+                    "final_few_acc", "wall_time_s"):  # fmt: skip
+            assert (float(row[key]) if row[key] else None) == job[key], key
+        overrides = dict(o.split("=") for o in row["overrides"].split())
+        assert (row["meta_lr"], row["hidden_size"]) == (overrides["meta_lr"],
+                                                        overrides["hidden_size"])  # fmt: skip
+        seen.add((row["meta_lr"], row["hidden_size"]))
+        folder = Path(row["folder"])
+        for plot in ("weight_fn.png", "accuracy.png", "per_class.png", "weights_hist.png"):
+            assert (folder / plot).stat().st_size > 1000, plot
+    assert seen == {("1e-05", "50"), ("1e-05", "100"), ("0.1", "50"), ("0.1", "100")}
+    finals = [float(r["final_acc"]) for r in rows]
+    assert finals == sorted(finals, reverse=True)
+    md = (sweep / "summary.md").read_text()
+    assert "| job | meta_lr | hidden_size | final | best | many | medium | few |" in md
+    assert "Common: `train_iters=6`" in md
+    assert md.strip().splitlines()[-1] in proc.stdout  # the table is printed
+    assert not (sweep / "summary_seeds.csv").exists()  # no seed sweep, no seed table
+
+
+def test_a_failed_job_is_a_row_with_its_error_and_the_others_still_run(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "meta_per_class=500,10", *TINY, f"hydra.sweep.dir={sweep}",
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"mwn: 1 of 2 jobs failed; see {sweep / 'summary.md'}")  # fmt: skip
+    rows = {r["meta_per_class"]: r for r in read_csv(sweep / "summary.csv")}
+    assert rows["10"]["status"] == "done" and float(rows["10"]["final_acc"]) >= 0
+    assert rows["500"]["status"] == "failed" and rows["500"]["final_acc"] == ""
+    assert rows["500"]["error"].startswith("meta_per_class=500: class 0 has only")
+    assert list(rows) == ["10", "500"]  # failed jobs last
+    assert "failed: meta_per_class=500" in (sweep / "summary.md").read_text()
+    # rerunning the sweep with a fixed value clears the failure
+    (sweep / "0" / "error.json").unlink()
+    assert report.read_job(sweep / "0")["status"] == "unfinished"
+
+
+def fake_job(sweep: Path, num: int, overrides: list[str], **summary) -> None:
+    folder = sweep / str(num)
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    if summary:
+        base = dict.fromkeys(report.ACCURACIES, None)
+        (folder / "summary.json").write_text(json.dumps({**base, "wall_time_s": 10.0, **summary}))
+
+
+def test_seed_sweeps_are_aggregated_as_mean_and_sample_std(tmp_path):
+    sweep = tmp_path / "sweep"
+    accs = {("10", "0"): 80.0, ("10", "1"): 82.0, ("10", "2"): 87.0, ("100", "0"): 60.0,
+            ("100", "1"): 64.0}  # fmt: skip
+    for num, ((imb, seed), acc) in enumerate(accs.items()):
+        fake_job(sweep, num, [f"imbalance={imb}", f"seed={seed}", "train_iters=5"],
+                 final_acc=acc, best_acc=acc + 1, final_few_acc=acc - 50)  # fmt: skip
+    fake_job(sweep, 5, ["imbalance=100", "seed=2", "train_iters=5"])  # still running
+    assert report.main([str(sweep), "--no-plots"]) == 0
+    groups = {g["imbalance"]: g for g in read_csv(sweep / "summary_seeds.csv")}
+    assert groups["10"]["seeds"] == "3" and groups["10"]["seed_values"] == "0 1 2"
+    assert float(groups["10"]["final_acc"]) == pytest.approx(83.0)
+    assert float(groups["10"]["final_acc_std"]) == pytest.approx(math.sqrt(13.0))  # (9+1+16)/2
+    assert float(groups["10"]["best_acc"]) == pytest.approx(84.0)
+    assert float(groups["100"]["final_acc_std"]) == pytest.approx(statistics.stdev([60, 64]))
+    assert groups["100"]["seeds"] == "2" and groups["10"]["final_many_acc"] == ""
+    md = (sweep / "summary.md").read_text()
+    assert "| 10 | 3 | 83.00 ± 3.61 | 84.00 ± 3.61 | - | - | 33.00 ± 3.61 | 10 |" in md
+    assert "6 jobs: 5 done, 0 failed, 1 unfinished" in md
+    assert [r["job"] for r in read_csv(sweep / "summary.csv")] == ["2", "1", "0", "4", "3", "5"]
+
+
+def test_report_rebuilds_the_plots_and_the_validation_records_carry_the_long_tail(tmp_path):
+    run = tmp_path / "run"
+    summary = train(make_cfg(*TINY), run)
+    evals = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if "test_acc" in r]
+    assert [r["iter"] for r in evals] == [3, 6]
+    last = evals[-1]
+    shots = shot_accuracy(last["per_class_acc"], summary["train_class_counts"])
+    assert {k: last[k] for k in shots} == shots and len(last["per_class_acc"]) == 10
+    assert last["per_class_acc"] == summary["final_per_class_acc"]
+    # the recorded weighting function is the final meta-net's, evaluated on the grid
+    state = torch.load(run / "checkpoint-6.pt", weights_only=True)["state"]
+    net = MetaNet(100, 1)
+    grid = torch.tensor(WEIGHT_FN_LOSSES)
+    expected = sample_weights(net, state["meta_params"], grid, normalize=False)
+    assert torch.allclose(torch.tensor(last["weight_fn"]), expected, atol=2e-6)
+    batch = last["batch"]
+    assert len(batch["label"]) == len(batch["loss"]) == len(batch["weight"]) == 100
+    w = sample_weights(net, state["meta_params"], torch.tensor(batch["loss"]), normalize=False)
+    assert torch.allclose(torch.tensor(batch["weight"]), w, atol=2e-6)
+    # plots are rebuilt from the files alone
+    assert not (run / "weight_fn.png").exists()  # train() itself draws nothing
+    assert report.main([str(run)]) == 0
+    for plot in ("weight_fn.png", "accuracy.png", "per_class.png", "weights_hist.png"):
+        assert (run / plot).stat().st_size > 1000, plot
+    erm = tmp_path / "erm"
+    train(make_cfg(*TINY, "method=erm"), erm)
+    assert report.main([str(erm)]) == 0  # no meta-net: no weighting plots
+    assert (erm / "accuracy.png").exists() and not (erm / "weight_fn.png").exists()
+
+
+def test_report_names_a_folder_it_cannot_read(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        report.main([str(tmp_path)])
+    assert e.value.code == 2
+    assert "neither a run folder (metrics.jsonl) nor a sweep folder" in capsys.readouterr().err
+
+
+def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch, caplog):
+    run = tmp_path / "run"
+    train(make_cfg(*TINY), run)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    monkeypatch.delitem(sys.modules, "mwn.plots", raising=False)
+    with caplog.at_level(logging.WARNING):
+        assert report.plot_run_or_note(run) == []
+    assert "plots skipped: matplotlib is not installed (pip install -e '.[plot]')" in caplog.text
+    assert not (run / "weight_fn.png").exists()
+
+
+def test_progress_log_lines_and_bar(tmp_path, monkeypatch, caplog, capsys):
+    monkeypatch.setattr(monitor, "LOG_PERIOD_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="mwn.monitor"):
+        train(make_cfg(*TINY, "progress=log"), tmp_path / "log")
+    lines = [r.getMessage() for r in caplog.records if r.name == "mwn.monitor"]
+    periodic = [s for s in lines if s.startswith("iter 3/6") or s.startswith("iter 6/6")]
+    assert len(periodic) == 2, lines
+    assert all(k in periodic[0] for k in ("loss ", "meta loss ", "lr 0.05", " it/s", "ETA "))
+    assert any(s.startswith("iter 6  test acc ") for s in lines)  # validation, in every mode
+    capsys.readouterr()
+    train(make_cfg(*TINY, "progress=bar"), tmp_path / "bar")
+    err = capsys.readouterr().err
+    assert "train: 100%" in err and "6/6" in err and "it/s" in err
+    assert "meta loss" in err and "lr 0.05" in err
+    capsys.readouterr()
+    train(make_cfg(*TINY, "progress=none"), tmp_path / "none")
+    assert "it/s" not in capsys.readouterr().err
+
+
+def test_tensorboard_gets_the_scalars_of_metrics_jsonl_also_after_a_resume(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, cfg = tmp_path / "run", make_cfg(*TINY, "logger=tensorboard", "checkpoint_every=3")
+    train(cfg, run)
+    (run / "checkpoint-6.pt").unlink()  # as if killed before the end: resume at iteration 3
+    train(cfg, run)
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
+    events.Reload()
+    records = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    for tag, key in (("train/loss", "loss"), ("train/meta_loss", "meta_loss"),
+                     ("test/test_acc", "test_acc"), ("train/lr", "lr")):  # fmt: skip
+        logged = [(e.step, e.value) for e in events.Scalars(tag)]
+        assert logged == [(r["iter"], pytest.approx(r[key])) for r in records if key in r], tag
+    assert [h.step for h in events.Histograms("train/batch_weight")] == [3, 6]
+
+
+def test_a_launcher_whose_plugin_is_missing_is_a_one_line_error(monkeypatch):
+    from mwn import config
+
+    missing = ("hydra_plugins.not_installed", "hydra-joblib-launcher", "joblib")
+    monkeypatch.setitem(config.LAUNCHER_PLUGINS, "joblib", missing)
+    problem = check_command_line(["-m", "hydra/launcher=joblib", "seed=0,1"], CONF_DIR)
+    assert problem == ("hydra/launcher=joblib: needs the hydra-joblib-launcher package "
+                       "(pip install -e '.[joblib]'); allowed without it: basic")  # fmt: skip
+
+
+def test_the_slurm_example_config_composes_onto_submitit():
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
+    assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
+    assert launcher.array_parallelism == 16
