@@ -14,6 +14,8 @@ from typing import Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from mwn.models import ARCHS
+
 
 class ConfigError(ValueError):
     """A setting with a value outside what is allowed; the message names both."""
@@ -30,9 +32,9 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = MISSING  # resnet (CIFAR ResNet, depth = 6n + 2)
+    arch: str = MISSING  # resnet (CIFAR ResNet, depth = 6n + 2) | wrn (Wide ResNet, 6n + 4)
     depth: int = MISSING
-    width: int = MISSING  # channels of the first stage; doubled at each of the next two
+    width: int = MISSING  # resnet: channels of the first stage (x2 per stage); wrn: widen factor
 
 
 @dataclass
@@ -62,6 +64,9 @@ class Config:
     seed: int = MISSING
     imbalance: float = MISSING
     meta_per_class: int = MISSING
+    meta_size: Optional[int] = MISSING  # noqa: UP045
+    noise: str = MISSING
+    noise_rate: float = MISSING
     train_iters: int = MISSING
     batch_size: int = MISSING
     meta_batch_size: int = MISSING
@@ -101,6 +106,7 @@ META_GRADS = ("jvp", "double_backward")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOGGERS = ("none", "tensorboard")
 PROGRESS = ("auto", "bar", "log", "none")
+NOISE = ("none", "uniform", "flip", "flip2")
 
 
 def check_config(cfg: DictConfig) -> None:
@@ -114,9 +120,15 @@ def check_config(cfg: DictConfig) -> None:
     need(cfg.meta_grad in META_GRADS, "meta_grad", " | ".join(META_GRADS))
     need(not (cfg.fp16 and cfg.meta_grad == "double_backward"), "meta_grad", "jvp with fp16=true")
     need(cfg.device.name in DEVICES, "device.name", " | ".join(DEVICES))
+    need(cfg.model.arch in ARCHS, "model.arch", " | ".join(ARCHS))
     need(cfg.logger.name in LOGGERS, "logger.name", " | ".join(LOGGERS))
     need(cfg.progress in PROGRESS, "progress", " | ".join(PROGRESS))
     need(cfg.imbalance >= 1, "imbalance", "real numbers >= 1")
+    need(cfg.noise in NOISE, "noise", " | ".join(NOISE))
+    need(0 <= cfg.noise_rate <= 1, "noise_rate", "real numbers in [0, 1]")
+    need(cfg.noise != "none" or cfg.noise_rate == 0, "noise_rate",
+         "0 with noise=none (choose noise=uniform | flip | flip2)")  # fmt: skip
+    need(cfg.meta_size is None or cfg.meta_size >= 1, "meta_size", "null or integers >= 1")
     for key in (
         "train_iters",
         "batch_size",

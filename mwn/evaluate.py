@@ -10,6 +10,7 @@ from torch.func import functional_call
 
 from mwn.data import DeviceImages
 from mwn.meta import per_sample_loss, sample_weights
+from mwn.noise import auc
 
 Tensors = dict[str, torch.Tensor]
 
@@ -78,3 +79,28 @@ def weighting(
     r = lambda t: [round(v, 6) for v in t.float().tolist()]
     return {"weight_fn": r(curve), "batch": {"label": y.tolist(), "loss": r(losses),
                                              "weight": r(weights)}}  # fmt: skip
+
+
+@torch.no_grad()
+def noise_separation(
+    model: nn.Module,
+    meta_net: nn.Module,
+    state: dict,
+    data: DeviceImages,
+    noisy: torch.Tensor,
+    batch_size: int,
+    fp16: bool = False,
+) -> dict:
+    """How the meta-net weighs clean and corrupted samples of `data` (a fixed subset of the
+    training set, no augmentation; losses in training mode, in batches, buffers untouched):
+    mean weight of each, and the AUC of the weight as a detector of clean samples."""
+    weights = []
+    for start in range(0, len(data), batch_size):
+        x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, fp16)
+        weights.append(sample_weights(meta_net, state["meta_params"], losses, normalize=False))
+    w = torch.cat(weights).float().cpu()
+    noisy = noisy.cpu()
+    mean = lambda t: t.mean().item() if t.numel() else None
+    return {"weight_clean": mean(w[~noisy]), "weight_noisy": mean(w[noisy]),
+            "noise_auc": auc(w, ~noisy)}  # fmt: skip

@@ -1,5 +1,6 @@
-"""Models, held as stateless modules: the CIFAR ResNet (ResNet32 and its smaller siblings) and
-the meta-net MLP that maps a sample's loss to its weight.
+"""Models, held as stateless modules: the CIFAR ResNet (ResNet32 and its smaller siblings), the
+Wide ResNet (WRN-28-10, the MWN paper's model for uniform label noise), and the meta-net MLP
+that maps a sample's loss to its weight.
 
 Parameters and buffers live outside the modules, in dicts that `torch.func.functional_call`
 passes in; `extract_state` takes them out once at start-up.
@@ -77,6 +78,56 @@ class ResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))  # global average pool: (B, C)
 
 
+class WideBlock(nn.Module):
+    """Pre-activation block of a Wide ResNet: BN-ReLU-conv3x3, BN-ReLU-conv3x3; a 1x1 conv
+    shortcut where the shape changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = BatchNorm2d(in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn2 = BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Conv2d(in_ch, out_ch, 1, stride, 0, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = F.relu(self.bn1(x))
+        y = self.conv2(F.relu(self.bn2(self.conv1(o))))
+        return y + (self.shortcut(o) if self.shortcut is not None else x)
+
+
+class WideResNet(nn.Module):
+    """Wide ResNet of Zagoruyko and Komodakis (2016): depth = 6n + 4, stages of n blocks at
+    widths 16k, 32k, 64k (k = widen factor); WRN-28-10 has 36.5 M parameters."""
+
+    def __init__(self, num_classes: int, depth: int = 28, widen: int = 10, in_channels: int = 3):
+        super().__init__()
+        if depth < 10 or (depth - 4) % 6:
+            raise ValueError(f"model.depth={depth}: a Wide ResNet needs depth = 6n + 4 >= 10")
+        n = (depth - 4) // 6
+        self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        blocks, ch = [], 16
+        for stage, stride in enumerate((1, 2, 2)):
+            out = 16 * widen * 2**stage
+            for i in range(n):
+                blocks.append(WideBlock(ch, out, stride if i == 0 else 1))
+                ch = out
+        self.blocks = nn.Sequential(*blocks)
+        self.bn = BatchNorm2d(ch)
+        self.fc = nn.Linear(ch, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn(self.blocks(self.conv(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
 class MetaNet(nn.Module):
     """Loss -> weight: 1 -> hidden_size (x num_layers, ReLU) -> 1, sigmoid. Input is (B,)."""
 
@@ -94,10 +145,19 @@ class MetaNet(nn.Module):
         return torch.sigmoid(self.net(loss.unsqueeze(-1))).squeeze(-1)  # (B,)
 
 
-def build_classifier(arch: str, num_classes: int, in_channels: int, depth: int, width: int):
-    if arch != "resnet":
-        raise ValueError(f"model.arch={arch!r}: allowed values are 'resnet'")
-    return ResNet(num_classes, depth=depth, width=width, in_channels=in_channels)
+ARCHS = ("resnet", "wrn")
+
+
+def build_classifier(
+    arch: str, num_classes: int, in_channels: int, depth: int, width: int
+) -> nn.Module:
+    """resnet: CIFAR ResNet, `width` = channels of stage 1; wrn: Wide ResNet, `width` = widen
+    factor."""
+    if arch == "resnet":
+        return ResNet(num_classes, depth=depth, width=width, in_channels=in_channels)
+    if arch == "wrn":
+        return WideResNet(num_classes, depth=depth, widen=width, in_channels=in_channels)
+    raise ValueError(f"model.arch={arch!r}: allowed values are {' | '.join(ARCHS)}")
 
 
 def extract_state(module: nn.Module) -> tuple[Tensors, Tensors]:

@@ -6,7 +6,9 @@ extra). Uses matplotlib's object API only: no pyplot, no global backend state.
 - accuracy.png: test accuracy over training, overall and by shot group;
 - per_class.png: final accuracy of each class, beside its number of training images;
 - weights_hist.png: the meta-net's weights for the latest training batch, by the frequency of the
-  sample's class (and by clean / corrupted label where labels were corrupted).
+  sample's class (and by clean / corrupted label where labels were corrupted);
+- noise_weights.png (label noise): mean weight of clean and of corrupted samples over training,
+  and the AUC of the weight as a clean-sample detector.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def plot_run(folder: Path) -> list[Path]:
         losses = summary.get("weight_fn_losses", WEIGHT_FN_LOSSES)
         out.append(_weight_fn(folder / "weight_fn.png", evals, losses, title))
         out.append(_weights_hist(folder / "weights_hist.png", evals[-1], counts, title))
+    if "noise_auc" in evals[-1]:
+        out.append(_noise_weights(folder / "noise_weights.png", evals, title))
     return out
 
 
@@ -132,4 +136,22 @@ def _weights_hist(path: Path, last: dict, counts: list[int] | None, title: str) 
         ax.set(xlabel="weight V(loss)", ylabel="samples",
                title=f"{title}: batch weights, iteration {last['iter']}")  # fmt: skip
         ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _noise_weights(path: Path, evals: list[dict], title: str) -> Path:
+    fig = Figure(figsize=(5, 3.6))
+    ax = fig.add_subplot()
+    iters = [r["iter"] for r in evals]
+    ax.plot(iters, [r["weight_clean"] for r in evals], label="clean labels", color="tab:green")
+    ax.plot(iters, [r["weight_noisy"] for r in evals], label="corrupted labels", color="tab:red")
+    ax.set(xlabel="iteration", ylabel="mean weight V(loss)",
+           title=f"{title}: clean vs corrupted")  # fmt: skip
+    ax2 = ax.twinx()
+    ax2.plot(iters, [r["noise_auc"] for r in evals], "--", color="black", label="AUC")
+    ax2.set(ylabel="AUC (weight detects clean)", ylim=(0, 1))
+    lines = ax.get_legend_handles_labels()
+    more = ax2.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], fontsize="small", loc="lower left")
+    ax.grid(alpha=0.3)
     return _save(fig, path)

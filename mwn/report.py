@@ -23,7 +23,14 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 ACCURACIES = ("final_acc", "best_acc", "final_many_acc", "final_medium_acc", "final_few_acc")
 HEADS = {"final_acc": "final", "best_acc": "best", "final_many_acc": "many",
-         "final_medium_acc": "medium", "final_few_acc": "few"}  # fmt: skip
+         "final_medium_acc": "medium", "final_few_acc": "few",
+         "final_noise_auc": "noise AUC"}  # fmt: skip
+OPTIONAL = ("final_noise_auc",)  # shown when some job has it (label-noise runs of MWN)
+
+
+def shown(rows: list[dict]) -> tuple[str, ...]:
+    """The summary fields of the table: the accuracies, and the optional ones some job has."""
+    return ACCURACIES + tuple(k for k in OPTIONAL if any(r.get(k) is not None for r in rows))
 
 
 def read_job(folder: Path) -> dict:
@@ -38,7 +45,7 @@ def read_job(folder: Path) -> dict:
     elif (folder / "summary.json").is_file():
         summary = json.loads((folder / "summary.json").read_text())
         row.update(status="done", wall_time_s=summary["wall_time_s"])
-        row.update({k: summary.get(k) for k in ACCURACIES})
+        row.update({k: summary.get(k) for k in ACCURACIES + OPTIONAL})
     return row
 
 
@@ -79,7 +86,7 @@ def seed_groups(rows: list[dict], varying: list[str]) -> list[dict]:
     for key, members in groups.items():
         g = {"overrides": dict(zip(others, key)), "seeds": len(members)}
         g["seed_values"] = sorted((m["overrides"]["seed"] for m in members), key=_natural)
-        for k in (*ACCURACIES, "wall_time_s"):
+        for k in (*shown(rows), "wall_time_s"):
             xs = [m[k] for m in members if m.get(k) is not None]
             g[k] = statistics.mean(xs) if xs else None
             g[k + "_std"] = statistics.stdev(xs) if len(xs) > 1 else None
@@ -91,10 +98,12 @@ def _natural(text: str) -> tuple:
     return (0, int(text), "") if text.lstrip("-").isdigit() else (1, 0, text)
 
 
-def _acc(value: float | None, std: float | None = None) -> str:
+def _value(key: str, value: float | None, std: float | None = None) -> str:
+    """Accuracies (%) with 2 decimals, AUCs (0..1) with 3."""
     if value is None:
         return "-"
-    return f"{value:.2f}" if std is None else f"{value:.2f} ± {std:.2f}"
+    d = 3 if key.endswith("auc") else 2
+    return f"{value:.{d}f}" if std is None else f"{value:.{d}f} ± {std:.{d}f}"
 
 
 def _cell(text: str) -> str:
@@ -108,24 +117,28 @@ def markdown(sweep: Path, rows: list[dict], common: dict, varying: list[str]) ->
              f"{sum(r['status'] == 'unfinished' for r in rows)} unfinished. Test accuracy (%), "
              "sorted by final accuracy; many/medium/few: final accuracy of the classes with "
              "> 100, 20-100, < 20 training images.", ""]  # fmt: skip
+    fields = shown(rows)
+    if "final_noise_auc" in fields:
+        lines[-2] += (" noise AUC: how well the final meta-net's weight tells clean from corrupted "
+                      "training labels (0.5: not at all, 1: perfectly).")  # fmt: skip
     if common:
         lines += ["Common: " + " ".join(f"`{k}={v}`" for k, v in common.items()), ""]
-    head = ["job", *varying, *HEADS.values(), "time (s)", "status"]
+    head = ["job", *varying, *(HEADS[k] for k in fields), "time (s)", "status"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         time_s = f"{r['wall_time_s']:.0f}" if r.get("wall_time_s") is not None else "-"
         cells = [r["job"], *(r["overrides"].get(k, "") for k in varying),
-                 *(_acc(r.get(k)) for k in HEADS), time_s, status]  # fmt: skip
+                 *(_value(k, r.get(k)) for k in fields), time_s, status]  # fmt: skip
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     groups = seed_groups(rows, varying)
     if groups:
         others = [k for k in varying if k != "seed"]
-        head = [*others, "seeds", *HEADS.values(), "time (s)"]
+        head = [*others, "seeds", *(HEADS[k] for k in fields), "time (s)"]
         lines += ["", "## Across seeds (mean ± sample std over the finished seeds)", "",
                   "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
         for g in groups:
-            accs = [_acc(g[k], g[k + "_std"]) for k in HEADS]
+            accs = [_value(k, g[k], g[k + "_std"]) for k in fields]
             cells = [*(g["overrides"][k] for k in others), g["seeds"], *accs,
                      f"{g['wall_time_s']:.0f}"]  # fmt: skip
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
@@ -136,7 +149,8 @@ def write_sweep_summary(sweep: Path) -> tuple[str, list[dict]]:
     """Write summary.csv, summary.md (and summary_seeds.csv for a seed sweep) into the sweep
     folder; returns the markdown and the rows."""
     rows, common, varying = sweep_rows(sweep)
-    fields = ["job", *varying, "status", *ACCURACIES, "wall_time_s", "overrides", "error", "folder"]
+    metrics = shown(rows)
+    fields = ["job", *varying, "status", *metrics, "wall_time_s", "overrides", "error", "folder"]
     with open(sweep / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
@@ -147,7 +161,7 @@ def write_sweep_summary(sweep: Path) -> tuple[str, list[dict]]:
     groups = seed_groups(rows, varying)
     if groups:
         others = [k for k in varying if k != "seed"]
-        stats = [s for k in (*ACCURACIES, "wall_time_s") for s in (k, k + "_std")]
+        stats = [s for k in (*metrics, "wall_time_s") for s in (k, k + "_std")]
         with open(sweep / "summary_seeds.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=[*others, "seeds", "seed_values", *stats])
             w.writeheader()

@@ -35,10 +35,18 @@ from mwn.data import (
     make_long_tail,
     split_meta,
 )
-from mwn.evaluate import SHOT_GROUPS, WEIGHT_FN_LOSSES, evaluate, shot_accuracy, weighting
+from mwn.evaluate import (
+    SHOT_GROUPS,
+    WEIGHT_FN_LOSSES,
+    evaluate,
+    noise_separation,
+    shot_accuracy,
+    weighting,
+)
 from mwn.meta import StepHP, erm_step, mwn_step, scaler_init
 from mwn.models import MetaNet, build_classifier, count_params, extract_state
 from mwn.monitor import Progress, TensorBoard
+from mwn.noise import apply_noise
 from mwn.optim import adam_init, sgd_init, step_lr
 from mwn.report import plot_run_or_note
 
@@ -83,14 +91,18 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
 
-    # data: meta split out of the training split, then the long tail, all on the device
+    # data: meta split out of the training split, the long tail, then label noise on the
+    # training labels only; all on the device
     images = load_dataset(cfg.dataset.name, to_absolute_path(cfg.data.root), cfg.data.download)
     C = images.num_classes
-    meta_idx, pool = split_meta(images.train_y, C, cfg.meta_per_class, cfg.seed)
+    meta_idx, pool = split_meta(images.train_y, C, meta_per_class(cfg, C), cfg.seed)
     train_idx, counts = make_long_tail(images.train_y, pool, C, cfg.imbalance, cfg.seed)
+    train_y, noisy, noise = apply_noise(
+        images.train_y[train_idx], train_idx, C, cfg.noise, cfg.noise_rate, cfg.seed
+    )
     norm = (list(cfg.dataset.mean), list(cfg.dataset.std), device)
     fmt = {"channels_last": cfg.channels_last}
-    train_set = DeviceImages(images.train_x[train_idx], images.train_y[train_idx], *norm, **fmt)
+    train_set = DeviceImages(images.train_x[train_idx], train_y, *norm, **fmt)
     meta_set = DeviceImages(images.train_x[meta_idx], images.train_y[meta_idx], *norm, **fmt)
     test_set = DeviceImages(images.test_x, images.test_y, *norm, **fmt)
     log.info(
@@ -102,6 +114,15 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         len(test_set),
         device,
     )
+    diagnose_noise = cfg.noise != "none" and cfg.method == "mwn"
+    if cfg.noise != "none":
+        (out_dir / "noise.json").write_text(json.dumps(noise) + "\n")
+        log.info("noise=%s noise_rate=%g: %d of %d training labels corrupted (noise.json)",
+                 cfg.noise, cfg.noise_rate, noise["corrupted"], len(train_set))  # fmt: skip
+        # a fixed subset of the training set on which clean and corrupted weights are compared
+        g = torch.Generator().manual_seed(cfg.seed + 4)
+        probe = torch.randperm(len(train_set), generator=g)[:NOISE_PROBE].sort().values
+        probe_set = DeviceImages(images.train_x[train_idx[probe]], train_y[probe], *norm, **fmt)
 
     # models and explicit state
     torch.manual_seed(cfg.seed)
@@ -179,6 +200,19 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                 "elapsed_s": elapsed + time.perf_counter() - t_start,
                 "rng": checkpoint.rng_states()})  # fmt: skip
 
+        def validation(state: dict, batch: tuple, batch_index: torch.Tensor) -> dict:
+            """Test accuracy (overall, per class, per shot group) and what the meta-net does."""
+            out = evaluate(model, state["params"], state["buffers"], test_set, C,
+                           cfg.eval_batch_size)  # fmt: skip
+            out.update(shot_accuracy(out["per_class_acc"], counts))
+            if cfg.method == "mwn":  # its weighting function, and the latest batch's weights
+                out.update(weighting(model, meta_net, state, batch, cfg.fp16))
+            if diagnose_noise:  # how it weighs clean and corrupted samples
+                out["batch"]["noisy"] = noisy[batch_index].tolist()
+                out.update(noise_separation(model, meta_net, state, probe_set, noisy[probe],
+                                            cfg.batch_size, cfg.fp16))  # fmt: skip
+            return out
+
         for it in range(start, cfg.train_iters):
             # learning rate and batches (seeded by iteration: replayable)
             lr = step_lr(cfg.lr, it, cfg.lr_milestones, cfg.lr_gamma)
@@ -216,16 +250,14 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                         skipped_steps=int(state["scaler"]["skipped"]),
                     )
                 if validate:
-                    last_eval = evaluate(
-                        model, state["params"], state["buffers"], test_set, C, cfg.eval_batch_size
-                    )
-                    last_eval.update(shot_accuracy(last_eval["per_class_acc"], counts))
+                    last_eval = validation(state, batch, train_batches.indices(it))
                     record["test_acc"] = last_eval["acc"]
-                    record.update({k: last_eval[k] for k in LONG_TAIL_KEYS})
-                    if cfg.method == "mwn":  # the weighting now, for the plots and reports
-                        record.update(weighting(model, meta_net, state, batch, cfg.fp16))
+                    record.update({k: v for k, v in last_eval.items() if k != "acc"})
                     if last_eval["acc"] > best["acc"]:
-                        best = {**last_eval, "iter": done}
+                        best = {
+                            k: v for k, v in last_eval.items() if k not in ("weight_fn", "batch")
+                        }
+                        best["iter"] = done
                     shots = "  ".join(f"{g} {last_eval[g + '_acc']:.2f}" for g in SHOT_GROUPS
                                       if last_eval[g + "_acc"] is not None)  # fmt: skip
                     progress.write(f"iter {done}  test acc {last_eval['acc']:.2f} "
@@ -257,19 +289,35 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         **{f"final_{k}": last_eval[k] for k in ("many_acc", "medium_acc", "few_acc")},
         **{f"best_{k}": best[k] for k in ("many_acc", "medium_acc", "few_acc")},
         "train_class_counts": counts,
+        "noise": cfg.noise,
+        "noise_rate": cfg.noise_rate,
+        "corrupted_fraction": noise["corrupted_fraction"],
+        **({f"final_{k}": last_eval[k] for k in NOISE_KEYS} if diagnose_noise else {}),
         "weight_fn_losses": WEIGHT_FN_LOSSES,
         "meta_size": len(meta_set),
         "test_size": len(test_set),
         "iterations": cfg.train_iters,
         "wall_time_s": elapsed + time.perf_counter() - t_start,
         "device": str(device),
+        "threads": torch.get_num_threads(),  # float sums (and so results) depend on it
         "skipped_steps": int(state["scaler"]["skipped"]) if cfg.fp16 else 0,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-LONG_TAIL_KEYS = ("per_class_acc", "many_acc", "medium_acc", "few_acc")
+NOISE_KEYS = ("weight_clean", "weight_noisy", "noise_auc")
+NOISE_PROBE = 1000  # training samples on which clean and corrupted weights are compared
+
+
+def meta_per_class(cfg: DictConfig, num_classes: int) -> int:
+    """meta_size / classes when meta_size is set (it must divide evenly), else meta_per_class."""
+    if cfg.meta_size is None:
+        return cfg.meta_per_class
+    if cfg.meta_size % num_classes:
+        raise ConfigError(f"meta_size={cfg.meta_size}: allowed values are null or multiples of "
+                          f"the {num_classes} classes (the meta set is balanced)")  # fmt: skip
+    return cfg.meta_size // num_classes
 
 
 @contextlib.contextmanager

@@ -269,3 +269,17 @@ def test_fp16_step_tracks_fp32_and_skips_on_overflow(step, monkeypatch):
                                                         ("skipped", 3.0))}  # fmt: skip
     grown, _ = step(model, meta_net, state, batch, batch, LR, StepHP(fp16=True))
     assert scaler_values(grown) == {"scale": 8.0, "good_steps": 0, "skipped": 3}
+
+
+def test_meta_gradient_is_exact_for_the_wide_resnet_too():
+    """Pre-activation blocks and 1x1 shortcuts (WRN) through the same JVP path."""
+    torch.manual_seed(3)
+    model = models.WideResNet(5, depth=10, widen=1, in_channels=1).double()
+    _, meta_net, state, batch, meta_batch = setup()
+    params, buffers = extract_state(model)
+    state = {**state, "params": params, "buffers": buffers, "momentum": sgd_init(params)}
+    hp = VARIANTS["nesterov+normalized"]
+    ours = exact_meta_grad(model, meta_net, state, batch, meta_batch, LR, hp)["meta_grad"]
+    ref = meta_grad_double_backward(model, meta_net, state, batch, meta_batch, LR, hp)
+    assert rel_err(ours, ref["meta_grad"]) < 1e-9
+    assert float(ref["meta_grad"]["net.2.weight"].norm()) > 1e-8

@@ -33,8 +33,19 @@ def test_resnet_depth_must_be_6n_plus_2():
     assert len(ResNet(10, depth=8).blocks) == 3
     with pytest.raises(ValueError, match="depth = 6n"):
         ResNet(10, depth=30)
-    with pytest.raises(ValueError, match="model.arch='vgg'"):
+    with pytest.raises(ValueError, match=r"model.arch='vgg': allowed values are resnet \| wrn"):
         build_classifier("vgg", 10, 3, 32, 16)
+
+
+def test_wide_resnet_28_10_has_the_published_size():
+    wrn = build_classifier("wrn", 10, 3, 28, 10)
+    assert count_params(extract_state(wrn)[0]) == 36_479_194  # WRN-28-10, CIFAR-10
+    assert [b.conv1.out_channels for b in wrn.blocks[::4]] == [160, 320, 640]
+    assert [b.shortcut is not None for b in wrn.blocks] == [True, False, False, False] * 3
+    with pytest.raises(ValueError, match="depth = 6n \\+ 4"):
+        build_classifier("wrn", 10, 3, 26, 10)
+    small = build_classifier("wrn", 10, 1, 10, 1)
+    assert small(torch.randn(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_option_a_shortcut_is_subsample_and_zero_pad():

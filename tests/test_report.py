@@ -214,3 +214,17 @@ def test_the_slurm_example_config_composes_onto_submitit():
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
     assert launcher.array_parallelism == 16
+
+
+def test_the_noise_auc_column_appears_only_for_noise_sweeps(tmp_path):
+    fake_job(tmp_path / "plain", 0, ["seed=0"], final_acc=50.0)
+    fake_job(tmp_path / "plain", 1, ["seed=1"], final_acc=52.0)
+    text, _ = report.write_sweep_summary(tmp_path / "plain")
+    assert "noise AUC" not in text
+    fake_job(tmp_path / "noisy", 0, ["method=mwn"], final_acc=80.0, final_noise_auc=0.9123)
+    fake_job(tmp_path / "noisy", 1, ["method=erm"], final_acc=70.0)
+    text, _ = report.write_sweep_summary(tmp_path / "noisy")
+    assert "| 0 | mwn | 80.00 | - | - | - | - | 0.912 | 10 | done |" in text
+    assert "| 1 | erm | 70.00 | - | - | - | - | - | 10 | done |" in text
+    rows = read_csv(tmp_path / "noisy" / "summary.csv")
+    assert [r["final_noise_auc"] for r in rows] == ["0.9123", ""]
