@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m mwn.bench", description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
     p.add_argument("--fp16", action="store_true", help="float16 autocast + loss scaling (CUDA)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
     p.add_argument("--compile", action="store_true", help="torch.compile the step functions")
     p.add_argument("--cuda-graphs", action="store_true", help="replay each step as a CUDA graph")
     p.add_argument("--channels-last", action="store_true", help="NHWC images and conv weights")
@@ -59,7 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: CUDA is not available here; allowed: cpu")
     if (args.fp16 or args.cuda_graphs) and args.device != "cuda":
         p.error("--fp16 and --cuda-graphs need --device cuda")
-    if args.fp16 and "double_backward" in args.variants.split(","):
+    if args.fp16 and args.bf16:
+        p.error("--fp16 and --bf16: choose one")
+    if (args.fp16 or args.bf16) and "double_backward" in args.variants.split(","):
         args.variants = ",".join(v for v in args.variants.split(",") if v != "double_backward")
     return args
 
@@ -89,7 +92,7 @@ def setup(args: argparse.Namespace) -> dict:
     def draw(k: int, size: int):
         return data.batch(sampler.indices(k)[:size], 4, True, batch_generator(0, 2, k, device))
 
-    hp = StepHP(fp16=args.fp16)
+    hp = StepHP(fp16=args.fp16, bf16=args.bf16)
     specs = {
         "erm": (erm_step, hp),
         "mwn": (mwn_step, hp),
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_report(args: argparse.Namespace, report: dict) -> None:
-    mode = [m for m, on in (("fp16", args.fp16), ("compile", args.compile),
+    mode = [m for m, on in (("fp16", args.fp16), ("bf16", args.bf16), ("compile", args.compile),
                             ("cuda-graphs", args.cuda_graphs),
                             ("channels-last", args.channels_last)) if on]  # fmt: skip
     print(

@@ -83,6 +83,7 @@ class Config:
     normalize_weights: bool = MISSING
     rollback: bool = MISSING
     fp16: bool = MISSING
+    bf16: bool = MISSING
     meta_grad: str = MISSING
     channels_last: bool = MISSING
     compile: bool = MISSING
@@ -113,12 +114,20 @@ def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first setting whose value is not allowed."""
 
     def need(ok: bool, key: str, allowed: str) -> None:
-        if not ok:
-            raise ConfigError(f"{key}={OmegaConf.select(cfg, key)!r}: allowed values are {allowed}")
+        if not ok:  # the value as it is written on the command line
+            value = OmegaConf.select(cfg, key)
+            shown = str(value).lower() if isinstance(value, bool) else value
+            raise ConfigError(f"{key}={shown}: allowed values are {allowed}")
 
     need(cfg.method in METHODS, "method", " | ".join(METHODS))
     need(cfg.meta_grad in META_GRADS, "meta_grad", " | ".join(META_GRADS))
-    need(not (cfg.fp16 and cfg.meta_grad == "double_backward"), "meta_grad", "jvp with fp16=true")
+    need(not (cfg.fp16 and cfg.bf16), "bf16", "false with fp16=true (one precision at a time)")
+    for amp in ("fp16", "bf16"):
+        need(
+            not (cfg[amp] and cfg.meta_grad == "double_backward"),
+            "meta_grad",
+            f"jvp with {amp}=true",
+        )
     need(cfg.device.name in DEVICES, "device.name", " | ".join(DEVICES))
     need(cfg.model.arch in ARCHS, "model.arch", " | ".join(ARCHS))
     need(cfg.logger.name in LOGGERS, "logger.name", " | ".join(LOGGERS))

@@ -67,14 +67,14 @@ def weighting(
     meta_net: nn.Module,
     state: dict,
     batch: tuple[torch.Tensor, torch.Tensor],
-    fp16: bool = False,
+    amp: torch.dtype | None = None,
 ) -> dict:
     """The meta-net's weight V(L) at WEIGHT_FN_LOSSES, and for each sample of `batch` its label,
     its loss under the current classifier (training mode; buffers untouched) and V(loss)."""
     x, y = batch
     grid = torch.tensor(WEIGHT_FN_LOSSES, device=y.device)
     curve = sample_weights(meta_net, state["meta_params"], grid, normalize=False)
-    losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, fp16)
+    losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, amp)
     weights = sample_weights(meta_net, state["meta_params"], losses, normalize=False)
     r = lambda t: [round(v, 6) for v in t.float().tolist()]
     return {"weight_fn": r(curve), "batch": {"label": y.tolist(), "loss": r(losses),
@@ -89,7 +89,7 @@ def noise_separation(
     data: DeviceImages,
     noisy: torch.Tensor,
     batch_size: int,
-    fp16: bool = False,
+    amp: torch.dtype | None = None,
 ) -> dict:
     """How the meta-net weighs clean and corrupted samples of `data` (a fixed subset of the
     training set, no augmentation; losses in training mode, in batches, buffers untouched):
@@ -97,7 +97,7 @@ def noise_separation(
     weights = []
     for start in range(0, len(data), batch_size):
         x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
-        losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, fp16)
+        losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, amp)
         weights.append(sample_weights(meta_net, state["meta_params"], losses, normalize=False))
     w = torch.cat(weights).float().cpu()
     noisy = noisy.cpu()

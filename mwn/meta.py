@@ -41,7 +41,13 @@ class StepHP:
     normalize_weights: bool = False  # weights * n / sum(weights), as the paper-era MWN scripts
     rollback: bool = True  # redo the classifier step with the updated meta-net (Algorithm 1)
     fp16: bool = False  # float16 autocast for the classifier, dynamic loss scaling
+    bf16: bool = False  # bfloat16 autocast for the classifier (fp32's range: no loss scaling)
     meta_grad: str = "jvp"  # jvp (one JVP) | double_backward (the original code's reference)
+
+    @property
+    def amp(self) -> torch.dtype | None:
+        """The autocast dtype of the classifier's forward passes (None: fp32)."""
+        return torch.float16 if self.fp16 else torch.bfloat16 if self.bf16 else None
 
     def sgd(self, params: Tensors, grads: Tensors, momentum: Tensors, lr: float):
         """The classifier's optimiser step (the real one and the lookahead are the same rule)."""
@@ -56,23 +62,24 @@ def per_sample_loss(
     buffers: Tensors,
     x: torch.Tensor,
     y: torch.Tensor,
-    fp16: bool = False,
+    amp: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, Tensors]:
-    """Cross-entropy per sample (B,) in training mode, and the BatchNorm buffers it updated.
+    """Cross-entropy per sample (B,) in training mode, and the BatchNorm buffers it updated;
+    the forward under autocast to `amp` (float16, bfloat16) when given, the loss in fp32.
 
     BatchNorm writes its running statistics in place into the buffers it is given, so it gets
     copies: the caller's buffers stay untouched and the updated ones come back explicitly.
     """
     new_buffers = {k: v.clone() for k, v in buffers.items()}
-    with torch.autocast(x.device.type, dtype=torch.float16, enabled=fp16):
+    with torch.autocast(x.device.type, dtype=amp or torch.float16, enabled=amp is not None):
         logits = functional_call(model, (params, new_buffers), (x,), strict=True)
-    if fp16:
+    if amp is not None:
         logits = logits.float()  # the loss itself in fp32
     return F.cross_entropy(logits, y, reduction="none"), new_buffers
 
 
-def mean_loss(model: nn.Module, params: Tensors, buffers: Tensors, x, y, fp16=False):
-    return per_sample_loss(model, params, buffers, x, y, fp16)[0].mean()
+def mean_loss(model: nn.Module, params: Tensors, buffers: Tensors, x, y, amp=None):
+    return per_sample_loss(model, params, buffers, x, y, amp)[0].mean()
 
 
 def sample_weights(
@@ -115,7 +122,7 @@ def exact_meta_grad(
 
     # train losses at w; `pullback(u)` = sum_i u_i grad L_i(w), callable more than once
     losses, pullback, new_buffers = vjp(
-        lambda p: per_sample_loss(model, p, buffers, x, y, hp.fp16), params, has_aux=True
+        lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp), params, has_aux=True
     )
     weights, weights_pullback = vjp(
         lambda th: sample_weights(meta_net, th, losses, hp.normalize_weights), state["meta_params"]
@@ -130,7 +137,7 @@ def exact_meta_grad(
     ahead, ahead_momentum = hp.sgd(params, _scaled(g_train, 1 / scale), state["momentum"], lr)
     # meta loss at w' (BatchNorm in training mode; real running stats untouched)
     g_meta, meta_loss = grad_and_value(
-        lambda p: mean_loss(model, p, buffers, xm, ym, hp.fp16) * scale
+        lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp) * scale
     )(ahead)
     g_meta = _scaled(g_meta, 1 / scale)
     # exact meta-gradient: (J g)_i = g . grad L_i(w) in one JVP, then the VJP through v(Theta)
@@ -139,7 +146,7 @@ def exact_meta_grad(
         t = 1 / torch.stack([v.abs().max() for v in g_meta.values()]).max().clamp(min=1e-30)
         tangent = {k: v * t for k, v in g_meta.items()}
     _, jg = jvp(
-        lambda p: per_sample_loss(model, p, buffers, x, y, hp.fp16)[0], (params,), (tangent,)
+        lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp)[0], (params,), (tangent,)
     )
     a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
     (meta_grad,) = weights_pullback(jg * (-a / n) / t)
@@ -219,7 +226,7 @@ def erm_step(
     scale = state["scaler"]["scale"] if hp.fp16 else 1.0
 
     def scaled_loss(p):
-        losses, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.fp16)
+        losses, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp)
         return losses.mean() * scale, new_buffers
 
     g, (loss, new_buffers) = grad_and_value(scaled_loss, has_aux=True)(state["params"])

@@ -151,6 +151,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         normalize_weights=cfg.normalize_weights,
         rollback=cfg.rollback,
         fp16=cfg.fp16,
+        bf16=cfg.bf16,
         meta_grad=cfg.meta_grad,
     )
     step_fn = mwn_step if cfg.method == "mwn" else erm_step
@@ -206,11 +207,11 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                            cfg.eval_batch_size)  # fmt: skip
             out.update(shot_accuracy(out["per_class_acc"], counts))
             if cfg.method == "mwn":  # its weighting function, and the latest batch's weights
-                out.update(weighting(model, meta_net, state, batch, cfg.fp16))
+                out.update(weighting(model, meta_net, state, batch, hp.amp))
             if diagnose_noise:  # how it weighs clean and corrupted samples
                 out["batch"]["noisy"] = noisy[batch_index].tolist()
                 out.update(noise_separation(model, meta_net, state, probe_set, noisy[probe],
-                                            cfg.batch_size, cfg.fp16))  # fmt: skip
+                                            cfg.batch_size, hp.amp))  # fmt: skip
             return out
 
         for it in range(start, cfg.train_iters):

@@ -29,3 +29,13 @@ def test_bench_rejects_unknown_variants_and_missing_devices():
         bench.parse_args(["--variants", "erm,l2rw"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--cuda-graphs"])
+
+
+def test_bench_runs_bf16_and_drops_the_fp32_only_reference(tmp_path, capsys):
+    args = ["--bf16", "--depth", "8", "--width", "4", "--shape", "1,8,8", "--batch-size", "8",
+            "--meta-batch-size", "8", "--iters", "1", "--warmup", "1", "--no-memory"]  # fmt: skip
+    report = bench.main([*args, "--json", str(tmp_path / "b.json")])
+    assert set(report["ms"]) == {"erm", "mwn", "mwn_no_rollback", "data"}
+    assert "cpu bf16" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--bf16", "--fp16"])

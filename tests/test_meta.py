@@ -238,6 +238,28 @@ def test_fp16_meta_gradient_stays_within_five_percent_of_fp32():
     assert rel_err(half, ref) < 5e-2  # measured 1.8 %; a wrong scale factor is off by 1e4
 
 
+def test_bf16_meta_gradient_and_step_stay_close_to_fp32():
+    """bfloat16 keeps fp32's range (no loss scale) but has an 8-bit mantissa: ~0.4 % per op."""
+    model, meta_net, state, batch = fp32_setup()
+    del state["scaler"]
+    ref = exact_meta_grad(model, meta_net, state, batch, batch, LR, StepHP())["meta_grad"]
+    bf = exact_meta_grad(model, meta_net, state, batch, batch, LR, StepHP(bf16=True))
+    assert rel_err(bf["meta_grad"], ref) < 0.1
+    assert bf["losses"].dtype == torch.float32  # the losses (and the weights) stay fp32
+    errors = {}
+    for step in (mwn_step, erm_step):
+        new, _ = step(model, meta_net, state, batch, batch, LR, StepHP(bf16=True))
+        ref_new, _ = step(model, meta_net, state, batch, batch, LR, StepHP())
+        delta = {k: new["params"][k] - state["params"][k] for k in state["params"]}
+        ref_delta = {k: ref_new["params"][k] - state["params"][k] for k in state["params"]}
+        errors[step.__name__] = rel_err(delta, ref_delta)
+    # the MWN step in bf16 is as close to fp32 as a plain autocast training step (measured
+    # 9.5 % and 9.7 % on this tiny 8x8 model), so the meta-gradient path adds no error of its own
+    assert errors["mwn_step"] < 1.25 * errors["erm_step"] and errors["erm_step"] < 0.15
+    assert all(v.dtype == torch.float32 for v in new["params"].values())  # fp32 master weights
+    assert tree_structure(new) == tree_structure(state)
+
+
 def scaler_values(state):
     return {k: float(v) for k, v in state["scaler"].items()}
 

@@ -107,7 +107,7 @@ def test_erm_under_noise_records_the_noise_but_no_weights(tmp_path):
     [(["noise_rate=0.4"], ConfigError, "noise_rate=0.4: allowed values are 0 with noise=none"),
      (["noise=uniform", "noise_rate=1.5"], ConfigError,
       "noise_rate=1.5: allowed values are real numbers in [0, 1]"),
-     (["noise=gaussian"], ConfigError, "noise='gaussian': allowed values are none | uniform"),
+     (["noise=gaussian"], ConfigError, "noise=gaussian: allowed values are none | uniform"),
      (["meta_size=205"], ConfigError,
       "meta_size=205: allowed values are null or multiples of the 10 classes")],
 )  # fmt: skip

@@ -62,11 +62,11 @@ def test_typos_and_wrong_types_fail_at_composition(override):
     [("imbalance=0.5", "imbalance=0.5: allowed values are real numbers >= 1"),
      ("lr=0", "lr=0.0: allowed values are real numbers > 0"),
      ("batch_size=0", "batch_size=0: allowed values are integers >= 1"),
-     ("method=l2rw", "method='l2rw': allowed values are mwn | erm"),
+     ("method=l2rw", "method=l2rw: allowed values are mwn | erm"),
      ("hidden_size=0", "hidden_size=0: allowed values are integers >= 1"),
      ("fp16=true", "fp16=true: needs a CUDA device"),
      ("cuda_graphs=true", "cuda_graphs=true: needs a CUDA device"),
-     ("meta_grad=finite", "meta_grad='finite': allowed values are jvp | double_backward")],
+     ("meta_grad=finite", "meta_grad=finite: allowed values are jvp | double_backward")],
 )  # fmt: skip
 def test_bad_values_raise_a_config_error_naming_the_setting(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
@@ -139,6 +139,7 @@ def test_cli_runs_the_real_cifar_path_end_to_end(tmp_path):
      (["hiden_size=3"], "hiden_size=3: Key 'hiden_size' not in 'Config'"),
      (["device=cpu", "fp16=true"], "fp16=true: needs a CUDA device, got cpu"),
      (["device=cpu", "cuda_graphs=true"], "cuda_graphs=true: needs a CUDA device"),
+     (["bf16=true", "fp16=true"], "bf16=true: allowed values are false with fp16=true"),
      (["dataset=cifar10", "data.root=nowhere"], "cifar10 files not found in "),
      (["hydra.run.dir=BLOCKED/run"], "hydra.run.dir=BLOCKED/run: cannot create a folder there")],
 )  # fmt: skip
@@ -179,6 +180,16 @@ def test_fp16_run_reports_its_loss_scale(tmp_path, monkeypatch):
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["loss_scale"] == 2.0**16 and lines[-1]["skipped_steps"] == 0
     assert summary["skipped_steps"] == 0 and summary["final_acc"] > 0
+
+
+def test_bf16_runs_on_the_cpu_without_loss_scaling(tmp_path):
+    summary = train(make_cfg(*FAST, "device=cpu", "bf16=true"), tmp_path / "bf16")
+    train(make_cfg(*FAST, "device=cpu"), tmp_path / "fp32")
+    bf16, fp32 = ([json.loads(s) for s in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+                  for d in ("bf16", "fp32"))  # fmt: skip
+    assert "loss_scale" not in bf16[-1] and summary["final_acc"] > 0
+    assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=0.05)  # same run, coarser sums
+    assert bf16[0]["loss"] != fp32[0]["loss"]  # and bf16 really was on
 
 
 def test_speed_options_change_speed_not_results(tmp_path):
