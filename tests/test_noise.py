@@ -123,3 +123,13 @@ def test_bad_noise_settings_name_the_setting(tmp_path, overrides, error, message
 def test_flip2_needs_three_classes():
     with pytest.raises(DataError, match="noise=flip2: needs more than 2 classes"):
         transition_matrix("flip2", 0.2, 2, seed=0)
+
+
+def test_the_wrn28_10_option_composes_and_its_architecture_trains(tmp_path):
+    cfg = make_cfg("dataset=cifar10", "model=wrn28_10")
+    assert (cfg.model.arch, cfg.model.depth, cfg.model.width) == ("wrn", 28, 10)
+    # the same architecture, shrunk (WRN-10-1) so that a CPU test can train it end to end
+    small = make_cfg(*TINY, "model=wrn28_10", "model.depth=10", "model.width=1",
+                     "noise=uniform", "noise_rate=0.4")  # fmt: skip
+    summary = train(small, tmp_path)
+    assert summary["final_acc"] > 0 and summary["final_noise_auc"] is not None
