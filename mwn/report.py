@@ -174,13 +174,18 @@ def write_sweep_summary(sweep: Path) -> tuple[str, list[dict]]:
 
 
 def plot_run_or_note(folder: Path) -> list[Path]:
-    """The run's plots, or a logged note (and none) when matplotlib is not installed."""
+    """The run's plots, or a logged note (and none) when matplotlib is not installed or a figure
+    fails."""
     try:
         from mwn.plots import plot_run
     except ImportError:
         log.warning("plots skipped: matplotlib is not installed (pip install -e '.[plot]')")
         return []
-    return plot_run(folder)
+    try:
+        return plot_run(folder)
+    except Exception as e:  # a figure must never cost a finished run its result
+        log.warning("plots skipped: %s: %s", type(e).__name__, e)
+        return []
 
 
 class SweepSummary(Callback):

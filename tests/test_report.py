@@ -228,3 +228,14 @@ def test_the_noise_auc_column_appears_only_for_noise_sweeps(tmp_path):
     assert "| 1 | erm | 70.00 | - | - | - | - | - | 10 | done |" in text
     rows = read_csv(tmp_path / "noisy" / "summary.csv")
     assert [r["final_noise_auc"] for r in rows] == ["0.9123", ""]
+
+
+def test_a_failing_figure_is_a_note_not_a_failed_run(tmp_path, monkeypatch, caplog):
+    from mwn import plots
+
+    run = tmp_path / "run"
+    train(make_cfg(*TINY), run)
+    monkeypatch.setattr(plots, "plot_run", lambda folder: 1 / 0)
+    with caplog.at_level(logging.WARNING):
+        assert report.plot_run_or_note(run) == []
+    assert "plots skipped: ZeroDivisionError: division by zero" in caplog.text
