@@ -15,6 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mwn.models import ARCHS
+from mwn.noise import KINDS as NOISE
 
 
 class ConfigError(ValueError):
@@ -107,7 +108,6 @@ META_GRADS = ("jvp", "double_backward")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 LOGGERS = ("none", "tensorboard")
 PROGRESS = ("auto", "bar", "log", "none")
-NOISE = ("none", "uniform", "flip", "flip2")
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -323,6 +323,11 @@ class DeviceImages:
     def __len__(self) -> int:
         return len(self.y)
 
+    def in_order(self, batch_size: int):
+        """The whole set in order, in batches, without augmentation (evaluation passes)."""
+        for start in range(0, len(self), batch_size):
+            yield self.batch(torch.arange(start, min(start + batch_size, len(self))))
+
     def batch(
         self,
         idx: torch.Tensor,

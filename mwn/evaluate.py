@@ -29,8 +29,7 @@ def evaluate(
     total = torch.zeros(num_classes, dtype=torch.long, device=data.device)
     model.eval()
     try:
-        for start in range(0, len(data), batch_size):
-            x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
+        for x, y in data.in_order(batch_size):
             pred = functional_call(model, (params, buffers), (x,), strict=True).argmax(1)
             correct += torch.bincount(y[pred == y], minlength=num_classes)
             total += torch.bincount(y, minlength=num_classes)
@@ -58,6 +57,13 @@ def shot_accuracy(per_class_acc: list[float], train_counts: list[int]) -> dict:
     return out
 
 
+def _losses_and_weights(model, meta_net, state, x, y, amp):
+    """Per-sample losses under the current classifier (training mode, buffers untouched) and
+    the meta-net's raw weights V(loss) for them."""
+    losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, amp)
+    return losses, sample_weights(meta_net, state["meta_params"], losses, normalize=False)
+
+
 WEIGHT_FN_LOSSES = [i / 5 for i in range(51)]  # 0, 0.2, ..., 10: where the weighting is drawn
 
 
@@ -74,8 +80,7 @@ def weighting(
     x, y = batch
     grid = torch.tensor(WEIGHT_FN_LOSSES, device=y.device)
     curve = sample_weights(meta_net, state["meta_params"], grid, normalize=False)
-    losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, amp)
-    weights = sample_weights(meta_net, state["meta_params"], losses, normalize=False)
+    losses, weights = _losses_and_weights(model, meta_net, state, x, y, amp)
     r = lambda t: [round(v, 6) for v in t.float().tolist()]
     return {"weight_fn": r(curve), "batch": {"label": y.tolist(), "loss": r(losses),
                                              "weight": r(weights)}}  # fmt: skip
@@ -94,11 +99,8 @@ def noise_separation(
     """How the meta-net weighs clean and corrupted samples of `data` (a fixed subset of the
     training set, no augmentation; losses in training mode, in batches, buffers untouched):
     mean weight of each, and the AUC of the weight as a detector of clean samples."""
-    weights = []
-    for start in range(0, len(data), batch_size):
-        x, y = data.batch(torch.arange(start, min(start + batch_size, len(data))))
-        losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, amp)
-        weights.append(sample_weights(meta_net, state["meta_params"], losses, normalize=False))
+    weights = [_losses_and_weights(model, meta_net, state, x, y, amp)[1]
+               for x, y in data.in_order(batch_size)]  # fmt: skip
     w = torch.cat(weights).float().cpu()
     noisy = noisy.cpu()
     mean = lambda t: t.mean().item() if t.numel() else None
