@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from mwn.distributed import LOCAL, Reduce
 from mwn.meta import StepHP
 
 Tensors = dict[str, torch.Tensor]
@@ -71,10 +72,12 @@ def make_step(
     hp: StepHP,
     compile: bool = False,
     cuda_graphs: bool = False,
+    reduce: Reduce = LOCAL,
 ) -> Callable[[dict, tuple, tuple | None, float | torch.Tensor], tuple[dict, dict]]:
-    """`step` with model, meta-net and hyperparameters bound; compiled and/or graphed on request.
-    With cuda_graphs, pass lr as a device tensor (a float would be frozen into the graph)."""
-    bound = functools.partial(step, model, meta_net, hp=hp)
+    """`step` with model, meta-net, hyperparameters and the cross-rank sum bound; compiled
+    and/or graphed on request. With cuda_graphs, pass lr as a device tensor (a float would be
+    frozen into the graph)."""
+    bound = functools.partial(step, model, meta_net, hp=hp, reduce=reduce)
     if compile:
         bound = torch.compile(bound)
     return CudaGraphStep(bound) if cuda_graphs else bound

@@ -60,9 +60,13 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+def checkpoint_path(folder: Path, iteration: int) -> Path:
+    return folder / f"checkpoint-{iteration}.pt"
+
+
 def save(folder: Path, iteration: int, payload: dict, keep: int = 2) -> Path:
     """Write checkpoint-<iteration>.pt atomically; keep the `keep` newest."""
-    path = folder / f"checkpoint-{iteration}.pt"
+    path = checkpoint_path(folder, iteration)
     tmp = folder / f".{path.name}.tmp"
     with open(tmp, "wb") as f:
         torch.save(payload, f)

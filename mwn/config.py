@@ -90,6 +90,7 @@ class Config:
     compile: bool = MISSING
     cuda_graphs: bool = MISSING
     deterministic: bool = MISSING
+    sync_bn: bool = MISSING
     val_every: int = MISSING
     log_every: int = MISSING
     progress: str = MISSING
@@ -110,8 +111,9 @@ LOGGERS = ("none", "tensorboard")
 PROGRESS = ("auto", "bar", "log", "none")
 
 
-def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError naming the first setting whose value is not allowed."""
+def check_config(cfg: DictConfig, world: int = 1) -> None:
+    """Raise ConfigError naming the first setting whose value is not allowed (with `world`
+    processes under torchrun)."""
 
     def need(ok: bool, key: str, allowed: str) -> None:
         if not ok:  # the value as it is written on the command line
@@ -159,6 +161,13 @@ def check_config(cfg: DictConfig) -> None:
     need(all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", "lists of iterations >= 1")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
+    if world > 1:  # the global batches are split evenly; the reference path is one-process
+        procs = f"{world} processes (torchrun --nproc_per_node x nodes)"
+        for key in ("batch_size", "meta_batch_size"):
+            need(cfg[key] % world == 0, key, f"multiples of the {procs}")
+        need(cfg.meta_grad == "jvp", "meta_grad", f"jvp with {procs}")
+        for key in ("compile", "cuda_graphs"):
+            need(not cfg[key], key, f"false with {procs} (not supported yet)")
 
 
 GROUPS = ("dataset", "model", "device", "logger")

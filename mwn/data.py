@@ -334,7 +334,11 @@ class DeviceImages:
         crop_padding: int = 0,
         flip: bool = False,
         gen: torch.Generator | None = None,
+        rows: slice = slice(None),
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images at idx, augmented, normalised; only `rows` of them (a rank's shard of a
+        global batch: the random crops and flips are drawn for all of idx, so a shard is exactly
+        its part of the one-process batch)."""
         idx = idx.to(self.device)
         x = self.x[idx]
         if crop_padding:
@@ -342,8 +346,8 @@ class DeviceImages:
         if flip:
             mirror = torch.rand(len(x), generator=gen, device=self.device) < 0.5
             x = torch.where(mirror.view(-1, 1, 1, 1), x.flip(3), x)
-        x = (x.to(self.dtype) - self.mean) / self.std
-        return x.contiguous(memory_format=self.memory_format), self.y[idx]
+        x = (x[rows].to(self.dtype) - self.mean) / self.std
+        return x.contiguous(memory_format=self.memory_format), self.y[idx[rows]]
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator | None) -> torch.Tensor:

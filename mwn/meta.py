@@ -6,6 +6,8 @@ State is a plain dict:
     meta_params        meta-net parameters                           {name: tensor}
     meta_opt           Adam state of the meta-net (step, exp_avg, exp_avg_sq)
 Nothing here reads a clock, a file or a global RNG, so one iteration can later be vmapped.
+Under torchrun each rank passes its shard of the global batch and a `reduce` that sums over the
+ranks (mwn.distributed); in one process `reduce` is the identity.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, jvp, vjp
 
+from mwn.distributed import LOCAL, Reduce
 from mwn.optim import adam_step, sgd_lookahead_scale, sgd_step
 
 # torch.func's JVP of batch norm scripts a decomposition once; torch warns about its own use
@@ -90,6 +93,16 @@ def sample_weights(
     return w * (w.numel() / w.sum()) if normalize else w
 
 
+def _mean_one(raw: torch.Tensor, n: int, reduce: Reduce) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw weights (this rank's) scaled to mean 1 over the global batch of n; and their sum."""
+    (total,) = reduce.sum([raw.sum()])
+    return raw * (n / total), total
+
+
+def _summed(reduce: Reduce, tensors: Tensors) -> Tensors:
+    return dict(zip(tensors, reduce.sum(list(tensors.values()))))
+
+
 def _scaled(tensors: Tensors, factor: float | torch.Tensor) -> Tensors:
     if isinstance(factor, float) and factor == 1.0:
         return tensors
@@ -105,6 +118,7 @@ def exact_meta_grad(
     lr: float,
     hp: StepHP,
     scale: float = 1.0,
+    reduce: Reduce = LOCAL,
 ) -> dict:
     """The lookahead, the meta loss at it, and d(meta loss)/d(Theta) through it, exactly.
 
@@ -114,32 +128,37 @@ def exact_meta_grad(
     and all n dot products are ONE forward-mode JVP of the loss vector L(w) along g: no double
     backward. The chain rule through v(Theta) (meta-net, normalisation) is one small VJP.
     `scale` is the fp16 loss scale: gradients are taken of scaled losses, then unscaled.
+    With several ranks, batch and meta_batch are this rank's shards; every sum over the global
+    batch goes through `reduce`, so the result is the one-process result (see mwn.distributed).
     Returns the pieces the caller needs, so no forward is done twice.
     """
     params, buffers = state["params"], state["buffers"]
     (x, y), (xm, ym) = batch, meta_batch
-    n = y.shape[0]
+    n, n_meta = y.shape[0] * reduce.world, ym.shape[0] * reduce.world  # global batch sizes
 
     # train losses at w; `pullback(u)` = sum_i u_i grad L_i(w), callable more than once
     losses, pullback, new_buffers = vjp(
         lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp), params, has_aux=True
     )
-    weights, weights_pullback = vjp(
-        lambda th: sample_weights(meta_net, th, losses, hp.normalize_weights), state["meta_params"]
+    raw, raw_pullback = vjp(
+        lambda th: sample_weights(meta_net, th, losses, normalize=False), state["meta_params"]
     )
+    weights, total = _mean_one(raw, n, reduce) if hp.normalize_weights else (raw, None)
     pieces = {"losses": losses, "pullback": pullback, "new_buffers": new_buffers,
-              "weights": weights.detach()}  # fmt: skip
+              "weights": weights}  # fmt: skip
     if hp.meta_grad == "double_backward":  # the reference: autodiff through the unrolled step
         return {**pieces, **meta_grad_double_backward(model, meta_net, state, batch, meta_batch,
                                                       lr, hp)}  # fmt: skip
     # lookahead w'(Theta): the real optimiser's step on the weighted loss
-    (g_train,) = pullback(weights.detach() * (scale / n))
+    (g_train,) = pullback(weights * (scale / n))
+    g_train = _summed(reduce, g_train)
     ahead, ahead_momentum = hp.sgd(params, _scaled(g_train, 1 / scale), state["momentum"], lr)
     # meta loss at w' (BatchNorm in training mode; real running stats untouched)
     g_meta, meta_loss = grad_and_value(
-        lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp) * scale
+        lambda p: per_sample_loss(model, p, buffers, xm, ym, hp.amp)[0].sum() * (scale / n_meta)
     )(ahead)
-    g_meta = _scaled(g_meta, 1 / scale)
+    *g_sum, meta_loss = reduce.sum([*g_meta.values(), meta_loss])
+    g_meta = _scaled(dict(zip(g_meta, g_sum)), 1 / scale)
     # exact meta-gradient: (J g)_i = g . grad L_i(w) in one JVP, then the VJP through v(Theta)
     tangent, t = g_meta, 1.0
     if hp.fp16:  # keep the fp16 tangents in range: the JVP is linear, so run it at max |g| = 1
@@ -149,7 +168,12 @@ def exact_meta_grad(
         lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp)[0], (params,), (tangent,)
     )
     a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
-    (meta_grad,) = weights_pullback(jg * (-a / n) / t)
+    u = jg * (-a / n) / t  # d(meta loss) / d(weight_i)
+    if hp.normalize_weights:  # through w_i = n r_i / S, S = sum of the raw weights r_j:
+        (uw,) = reduce.sum([(u * weights).sum()])  # d/dr_j = (n / S) (u_j - sum_i u_i w_i / n)
+        u = (n / total) * (u - uw / n)
+    (meta_grad,) = raw_pullback(u)
+    meta_grad = _summed(reduce, meta_grad)
     return {
         **pieces,
         "ahead": (ahead, ahead_momentum),
@@ -166,12 +190,14 @@ def mwn_step(
     meta_batch: Batch,
     lr: float,
     hp: StepHP,
+    reduce: Reduce = LOCAL,
 ) -> tuple[dict, dict]:
-    """One Meta-Weight-Net iteration (Algorithm 1). Returns (new state, metrics as tensors)."""
-    n = batch[1].shape[0]
+    """One Meta-Weight-Net iteration (Algorithm 1). Returns (new state, metrics as tensors).
+    Under torchrun: this rank's shards of the batches, and `reduce` summing over the ranks."""
+    n = batch[1].shape[0] * reduce.world  # the global batch size
     scale = state["scaler"]["scale"] if hp.fp16 else 1.0
     # 1-4. weights, lookahead, meta loss and its exact gradient in Theta
-    out = exact_meta_grad(model, meta_net, state, batch, meta_batch, lr, hp, scale)
+    out = exact_meta_grad(model, meta_net, state, batch, meta_batch, lr, hp, scale, reduce)
     # 5. meta-net update: Adam on Theta
     meta_params, meta_opt = adam_step(
         state["meta_params"],
@@ -182,8 +208,11 @@ def mwn_step(
     )
     # 6. classifier update: with the updated meta-net (roll back), or keep the lookahead
     if hp.rollback:
-        weights = sample_weights(meta_net, meta_params, out["losses"], hp.normalize_weights)
+        weights = sample_weights(meta_net, meta_params, out["losses"], normalize=False)
+        if hp.normalize_weights:
+            weights, _ = _mean_one(weights, n, reduce)
         (g_train,) = out["pullback"](weights * (scale / n))
+        g_train = _summed(reduce, g_train)
         params, momentum = hp.sgd(
             state["params"], _scaled(g_train, 1 / scale), state["momentum"], lr
         )
@@ -193,16 +222,18 @@ def mwn_step(
     new_state = {
         **state,
         "params": params,
-        "buffers": out["new_buffers"],  # running stats moved once, by the train batch
+        "buffers": reduce.buffers(out["new_buffers"]),  # moved once, by the train batch
         "momentum": momentum,
         "meta_params": meta_params,
         "meta_opt": meta_opt,
     }
+    losses = out["losses"]
+    sums = reduce.sum([torch.stack([losses.sum(), (weights * losses).sum(), weights.sum()])])[0]
     metrics = {
-        "loss": out["losses"].mean(),
-        "weighted_loss": (weights * out["losses"]).mean(),
+        "loss": sums[0] / n,
+        "weighted_loss": sums[1] / n,
         "meta_loss": out["meta_loss"],
-        "mean_weight": weights.mean(),
+        "mean_weight": sums[2] / n,
         "meta_grad_norm": torch.stack([g.square().sum() for g in out["meta_grad"].values()])
         .sum()
         .sqrt(),
@@ -220,18 +251,23 @@ def erm_step(
     meta_batch: Batch | None,
     lr: float,
     hp: StepHP,
+    reduce: Reduce = LOCAL,
 ) -> tuple[dict, dict]:
     """Plain training with uniform weights: the baseline, same signature as `mwn_step`."""
     x, y = batch
+    n = y.shape[0] * reduce.world  # the global batch size
     scale = state["scaler"]["scale"] if hp.fp16 else 1.0
 
     def scaled_loss(p):
         losses, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp)
-        return losses.mean() * scale, new_buffers
+        return losses.sum() * (scale / n), new_buffers
 
     g, (loss, new_buffers) = grad_and_value(scaled_loss, has_aux=True)(state["params"])
+    *g_sum, loss = reduce.sum([*g.values(), loss])
+    g = dict(zip(g, g_sum))
     params, momentum = hp.sgd(state["params"], _scaled(g, 1 / scale), state["momentum"], lr)
-    new_state = {**state, "params": params, "buffers": new_buffers, "momentum": momentum}
+    new_state = {**state, "params": params, "buffers": reduce.buffers(new_buffers),
+                 "momentum": momentum}  # fmt: skip
     if hp.fp16:
         new_state = _skip_if_overflow(state, new_state, params)
     return new_state, {"loss": loss / scale, "weighted_loss": loss / scale}

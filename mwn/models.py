@@ -16,17 +16,41 @@ Tensors = dict[str, torch.Tensor]
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm that normalises fp16/bf16 inputs in fp32 and returns their dtype.
+    """BatchNorm that normalises fp16/bf16 inputs in fp32 and returns their dtype, and that can
+    normalise with the statistics of the global batch across processes.
 
     Under autocast, the forward-mode derivative of PyTorch's batch norm gives an fp32 tangent for
     an fp16 output, which the next convolution's JVP rejects; computing in fp32 and casting back
     casts the tangent too. fp32 and fp64 inputs take the plain path.
+
+    `sum_over_ranks` (set by `mwn.distributed.sync_batch_norm`) is a differentiable sum over the
+    processes; with it, training-mode statistics (and so the running ones) are those of the
+    global batch, exactly as one process with the whole batch would compute them.
     """
+
+    sum_over_ranks = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
-            return super().forward(x.float()).to(x.dtype)
-        return super().forward(x)
+            return self._normalise(x.float()).to(x.dtype)
+        return self._normalise(x)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.sum_over_ranks is not None):
+            return super().forward(x)
+        count = x.new_tensor([x.numel() / x.shape[1]])
+        sums = self.sum_over_ranks(torch.cat([x.sum(dim=(0, 2, 3)), count]))
+        n = sums[-1].detach()
+        mean = sums[:-1] / n
+        centred = x - mean.view(1, -1, 1, 1)
+        var = self.sum_over_ranks(centred.square().sum(dim=(0, 2, 3))) / n  # biased, as BN
+        with torch.no_grad():  # running statistics: PyTorch's rule (unbiased variance)
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+            self.num_batches_tracked.add_(1)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
 
 
 class BasicBlock(nn.Module):

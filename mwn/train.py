@@ -2,11 +2,14 @@
 
 `train(cfg, out_dir)` builds the data and the state, runs the loop (one `mwn_step` or `erm_step`
 per iteration, validation, logging) and writes `metrics.jsonl` and `summary.json` to out_dir.
+Under `torchrun --nproc_per_node=N -m mwn.train`, every rank trains on its shard of each global
+batch (mwn.distributed) and rank 0 alone validates and writes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -35,6 +38,15 @@ from mwn.data import (
     make_long_tail,
     split_meta,
 )
+from mwn.distributed import (
+    LOCAL,
+    ONE,
+    AllReduce,
+    Ranks,
+    process_group,
+    ranks_from_env,
+    sync_batch_norm,
+)
 from mwn.evaluate import (
     SHOT_GROUPS,
     WEIGHT_FN_LOSSES,
@@ -56,10 +68,11 @@ TRAIN, META, TRAIN_AUG, META_AUG = range(4)  # RNG streams
 FP16_DEVICES = ("cuda",)  # CPU autocast runs fp16 too, but far slower than fp32
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    """The device named (auto: CUDA, else MPS, else CPU); with CUDA the rank's own GPU."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank)
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -67,13 +80,15 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError("device=cuda: CUDA is not available here; allowed values: auto | cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device=mps: MPS is not available here; allowed values: auto | cpu")
-    return torch.device(name)
+    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
 
 
-def train(cfg: DictConfig, out_dir: Path) -> dict:
-    """One run. Writes metrics.jsonl and summary.json into out_dir; returns the summary."""
-    check_config(cfg)
-    device = pick_device(cfg.device.name)
+def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
+    """One run. Writes metrics.jsonl and summary.json into out_dir; returns the summary.
+    With several ranks (process group initialised): rank 0's out_dir is the run folder, and
+    only rank 0 writes into it and returns the summary (the others return None)."""
+    check_config(cfg, ranks.world)
+    device = pick_device(cfg.device.name, ranks.local_rank)
     if cfg.fp16 and device.type not in FP16_DEVICES:
         raise ConfigError(f"fp16=true: needs a CUDA device, got {device.type}; allowed: false")
     if cfg.cuda_graphs and device.type != "cuda":
@@ -84,7 +99,11 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         out_dir = Path(to_absolute_path(cfg.resume))
         if not out_dir.is_dir():
             raise ConfigError(f"resume={cfg.resume!r}: no such run folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = ranks.broadcast(out_dir.absolute())  # rank 0's; it must be on a shared filesystem
+    if ranks.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    else:  # the other ranks only train: warnings and errors are all they log
+        logging.getLogger("mwn").setLevel(logging.WARNING)
     t_start = time.perf_counter()
     if cfg.deterministic:  # bit-identical reruns on CUDA too, at some cost in speed
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -116,7 +135,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     )
     diagnose_noise = cfg.noise != "none" and cfg.method == "mwn"
     if cfg.noise != "none":
-        (out_dir / "noise.json").write_text(json.dumps(noise) + "\n")
+        if ranks.main:
+            (out_dir / "noise.json").write_text(json.dumps(noise) + "\n")
         log.info("noise=%s noise_rate=%g: %d of %d training labels corrupted (noise.json)",
                  cfg.noise, cfg.noise_rate, noise["corrupted"], len(train_set))  # fmt: skip
         # a fixed subset of the training set on which clean and corrupted weights are compared
@@ -130,6 +150,11 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     model = build_classifier(m.arch, C, images.train_x.shape[1], m.depth, m.width).to(device)
     meta_net = MetaNet(cfg.hidden_size, cfg.num_layers).to(device)
     params, buffers = extract_state(model)
+    # the step's classifier: with sync_bn, BatchNorm on the global batch's statistics (its
+    # collectives run on every rank, so rank 0's validation uses the plain `model`)
+    step_model = model
+    if cfg.sync_bn and ranks.world > 1:
+        step_model = sync_batch_norm(copy.deepcopy(model))
     if cfg.channels_last:
         params = channels_last(params)
     meta_params, _ = extract_state(meta_net)
@@ -155,7 +180,8 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         meta_grad=cfg.meta_grad,
     )
     step_fn = mwn_step if cfg.method == "mwn" else erm_step
-    step = make_step(step_fn, model, meta_net, hp, cfg.compile, cfg.cuda_graphs)
+    reduce = AllReduce(ranks.world, cfg.sync_bn) if ranks.world > 1 else LOCAL
+    step = make_step(step_fn, step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce)
     log.info(
         "%s: %s-%d, %d parameters; meta-net %d parameters",
         cfg.method,
@@ -164,6 +190,11 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         count_params(params),
         count_params(meta_params),
     )
+    if ranks.world > 1:
+        log.info("%d processes: each takes %d of every %d training and %d of every %d meta "
+                 "images; sync_bn=%s", ranks.world, cfg.batch_size // ranks.world,
+                 cfg.batch_size, cfg.meta_batch_size // ranks.world, cfg.meta_batch_size,
+                 str(cfg.sync_bn).lower())  # fmt: skip
 
     # resume: the newest checkpoint in the run folder, if any, under the same settings
     settings = OmegaConf.to_container(cfg, resolve=True)
@@ -179,27 +210,36 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         )
         checkpoint.set_rng_states(ckpt["rng"])
         log.info("resuming from %s at iteration %d", ckpt["path"], start)
+        if ckpt.get("world", 1) != ranks.world:  # global batches: same data, same arithmetic
+            log.info("the checkpoint was written by %d processes, this run has %d",
+                     ckpt.get("world", 1), ranks.world)  # fmt: skip
     elif cfg.resume:
         raise checkpoint.CheckpointError(f"resume={cfg.resume!r}: no checkpoint-*.pt in {out_dir}")
-    board = TensorBoard(out_dir, start) if cfg.logger.name == "tensorboard" else None
-    metrics_path = out_dir / "metrics.jsonl"
-    with open(metrics_path, "ab") as f:  # drop lines written after the checkpoint
-        f.truncate(metrics_bytes)
+    tensorboard = cfg.logger.name == "tensorboard" and ranks.main
+    board = TensorBoard(out_dir, start) if tensorboard else None
+    metrics_path = out_dir / "metrics.jsonl" if ranks.main else Path(os.devnull)
+    if ranks.main:
+        with open(metrics_path, "ab") as f:  # drop lines written after the checkpoint
+            f.truncate(metrics_bytes)
 
     train_batches = Sampler(len(train_set), cfg.batch_size, cfg.seed, TRAIN, "batch_size")
     meta_batches = Sampler(len(meta_set), cfg.meta_batch_size, cfg.seed, META, "meta_batch_size")
     aug = (cfg.dataset.crop_padding, cfg.dataset.flip)
+    rows, meta_rows = ranks.shard(cfg.batch_size), ranks.shard(cfg.meta_batch_size)
     stop = _SigtermFlag()
-    progress = Progress(cfg.progress, cfg.train_iters, start)
+    progress = Progress(cfg.progress if ranks.main else "none", cfg.train_iters, start)
     with open(metrics_path, "ab") as metrics_file, stop, _closing(progress, board):
 
         def save_checkpoint(done: int, state: dict) -> Path:
+            path = checkpoint.checkpoint_path(out_dir, done)
+            if not ranks.main:  # the state is the same on every rank; rank 0 writes it
+                return path
             metrics_file.flush()
             return checkpoint.save(out_dir, done, {
                 "iteration": done, "state": state, "best": best, "last_eval": last_eval,
                 "metrics_bytes": metrics_file.tell(), "config": settings,
                 "elapsed_s": elapsed + time.perf_counter() - t_start,
-                "rng": checkpoint.rng_states()})  # fmt: skip
+                "rng": checkpoint.rng_states(), "world": ranks.world})  # fmt: skip
 
         def validation(state: dict, batch: tuple, batch_index: torch.Tensor) -> dict:
             """Test accuracy (overall, per class, per shot group) and what the meta-net does."""
@@ -217,20 +257,20 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         for it in range(start, cfg.train_iters):
             # learning rate and batches (seeded by iteration: replayable)
             lr = step_lr(cfg.lr, it, cfg.lr_milestones, cfg.lr_gamma)
-            batch = train_set.batch(
-                train_batches.indices(it), *aug, batch_generator(cfg.seed, TRAIN_AUG, it, device)
-            )
+            # (every rank draws the same global batch and takes its rows)
+            gen = batch_generator(cfg.seed, TRAIN_AUG, it, device)
+            batch = train_set.batch(train_batches.indices(it), *aug, gen, rows)
             meta_batch = None
             if cfg.method == "mwn":
-                meta_batch = meta_set.batch(
-                    meta_batches.indices(it), *aug, batch_generator(cfg.seed, META_AUG, it, device)
-                )
+                gen = batch_generator(cfg.seed, META_AUG, it, device)
+                meta_batch = meta_set.batch(meta_batches.indices(it), *aug, gen, meta_rows)
             # one iteration: weights, lookahead, meta-gradient, meta update, classifier update
             lr_arg = torch.tensor(lr, device=device) if cfg.cuda_graphs else lr
             before = state
             state, metrics = step(state, batch, meta_batch, lr_arg)
 
-            # a non-finite loss or meta-gradient stops an fp32 run (fp16 skips such steps)
+            # a non-finite loss or meta-gradient stops an fp32 run (fp16 skips such steps); the
+            # metrics are global sums, the same on every rank, so every rank stops
             if not cfg.fp16:
                 finite = torch.isfinite(torch.stack(list(metrics.values()))).tolist()
                 if not all(finite):
@@ -243,7 +283,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             # validation and logging
             done = it + 1
             validate = done % cfg.val_every == 0 or done == cfg.train_iters
-            if done % cfg.log_every == 0 or validate:
+            if ranks.main and (done % cfg.log_every == 0 or validate):
                 record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
                 if cfg.fp16:
                     record.update(
@@ -251,7 +291,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
                         skipped_steps=int(state["scaler"]["skipped"]),
                     )
                 if validate:
-                    last_eval = validation(state, batch, train_batches.indices(it))
+                    last_eval = validation(state, batch, train_batches.indices(it)[rows])
                     record["test_acc"] = last_eval["acc"]
                     record.update({k: v for k, v in last_eval.items() if k != "acc"})
                     if last_eval["acc"] > best["acc"]:
@@ -270,14 +310,18 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
             else:
                 progress.update(done, None)
 
-            # checkpoint: periodically, at the end, and when asked to stop
-            if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stop.raised:
+            # checkpoint: periodically, at the end, and when asked to stop (all ranks agree on
+            # when: SIGTERM may reach them in different iterations)
+            stopping = ranks.any(stop.raised)
+            if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stopping:
                 path = save_checkpoint(done, state)
                 progress.write(f"checkpoint {path.name}")
-                if stop.raised:
+                if stopping:
                     raise Preempted(f"stopped by SIGTERM at iteration {done}; checkpoint {path}; "
                                     "rerun the same command to resume")  # fmt: skip
 
+    if not ranks.main:
+        return None
     summary = {
         "dataset": images.name,
         "method": cfg.method,
@@ -301,6 +345,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
         "wall_time_s": elapsed + time.perf_counter() - t_start,
         "device": str(device),
         "threads": torch.get_num_threads(),  # float sums (and so results) depend on it
+        "processes": ranks.world,
         "skipped_steps": int(state["scaler"]["skipped"]) if cfg.fp16 else 0,
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -372,10 +417,13 @@ register_schema()
 def main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
+    ranks = ranks_from_env()  # torchrun's processes, or one
     error_file = out_dir / "error.json"  # a failed sweep job's row in the sweep summary
-    error_file.unlink(missing_ok=True)
+    if ranks.main:
+        error_file.unlink(missing_ok=True)
     try:
-        summary = train(cfg, out_dir)
+        with process_group(ranks):
+            summary = train(cfg, out_dir, ranks)
     except Preempted as e:  # stop: a run or a whole sweep, resumable
         print(f"mwn: {e}", file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM, as a process ended by it
@@ -390,15 +438,34 @@ def main(cfg: DictConfig) -> float | None:
             raise  # a bug's traceback; or the user asked for it all
         print(f"mwn: error: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, NonFinite) else 2)
-    plot_run_or_note(out_dir)
+    if summary is None:  # a rank other than 0
+        return None
+    plot_run_or_note(Path(to_absolute_path(cfg.resume)) if cfg.resume else out_dir)
     print(result_line(summary), flush=True)
     return summary["final_acc"]
 
 
+# what the ranks other than 0 give Hydra under torchrun: no run folder, config copy or log file
+# of their own (rank 0's run folder is the run's; train() receives it from rank 0)
+QUIET_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
+
+
+def check_ranks(argv: list[str], world: int) -> str | None:
+    """A one-line message for a torchrun command line that cannot work, or None."""
+    if world > 1 and any(a in ("-m", "--multirun") for a in argv):
+        return (f"-m/--multirun under torchrun ({world} processes): torchrun trains one run; "
+                "sweep with one torchrun per job, or launch the sweep's jobs on a cluster "
+                "(hydra/launcher=slurm)")  # fmt: skip
+    return None
+
+
 if __name__ == "__main__":
-    if problem := check_command_line(sys.argv[1:], CONF_DIR):
+    argv, ranks = sys.argv[1:], ranks_from_env()
+    if problem := check_command_line(argv, CONF_DIR) or check_ranks(argv, ranks.world):
         print(f"mwn: error: {problem}", file=sys.stderr)
         sys.exit(2)
+    if not ranks.main:
+        sys.argv += QUIET_RANK
     # run the task from the importable module, not __main__: parallel launchers (joblib,
     # submitit) pickle it, and a function of __main__ would be pickled by value, globals and all
     from mwn.train import main as importable_main

@@ -1,0 +1,72 @@
+"""Run by tests/test_distributed.py under torchrun (gloo, CPU): a few iterations of each case
+on this rank's shards of the global batches, in float64, through the real step functions and
+`AllReduce`. Saves this rank's state after every iteration to <out>/rank<r>.pt.
+
+`make_case` is also what the test uses to compute the one-process reference.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from mwn.distributed import LOCAL, AllReduce, process_group, ranks_from_env, sync_batch_norm
+from mwn.meta import StepHP, erm_step, mwn_step
+from mwn.models import MetaNet, ResNet, extract_state
+from mwn.optim import adam_init
+
+STEPS, BATCH, META_BATCH, LR = 3, 8, 6, 0.3
+CASES = {  # name: (method, sync_bn, hyperparameters)
+    "mwn_sync_normalized": ("mwn", True, StepHP(weight_decay=5e-3, normalize_weights=True)),
+    "mwn_sync_nesterov_no_rollback": (
+        "mwn", True, StepHP(weight_decay=5e-3, nesterov=True, rollback=False, meta_lr=1e-2)),
+    "erm_sync": ("erm", True, StepHP(weight_decay=5e-3)),
+    "mwn_local_bn": ("mwn", False, StepHP(weight_decay=5e-3, normalize_weights=True)),
+    "erm_local_bn": ("erm", False, StepHP(weight_decay=5e-3)),
+}  # fmt: skip
+
+
+def make_case(seed: int = 0):
+    """A small float64 ResNet with BatchNorm, a meta-net, their state, and STEPS global
+    (batch, meta batch) pairs."""
+    torch.manual_seed(seed)
+    model = ResNet(5, depth=8, width=4, in_channels=1).double()
+    meta_net = MetaNet(7).double()
+    params, buffers = extract_state(model)
+    meta_params, _ = extract_state(meta_net)
+    state = {
+        "params": params,
+        "buffers": buffers,
+        "momentum": {k: 0.1 * torch.randn_like(v) for k, v in params.items()},
+        "meta_params": meta_params,
+        "meta_opt": adam_init(meta_params),
+    }
+    data = lambda n: (torch.randn(n, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (n,)))
+    batches = [(data(BATCH), data(META_BATCH)) for _ in range(STEPS)]
+    return model, meta_net, state, batches
+
+
+def run(case: str, rows=slice(None), meta_rows=slice(None), reduce=LOCAL) -> list[dict]:
+    """The case's STEPS iterations on the given rows of each global batch; state after each."""
+    method, sync_bn, hp = CASES[case]
+    model, meta_net, state, batches = make_case()
+    if sync_bn and reduce is not LOCAL:
+        model = sync_batch_norm(model)
+    step = mwn_step if method == "mwn" else erm_step
+    states = []
+    for (x, y), (xm, ym) in batches:
+        batch, meta_batch = (x[rows], y[rows]), (xm[meta_rows], ym[meta_rows])
+        state, metrics = step(model, meta_net, state, batch, meta_batch, LR, hp, reduce=reduce)
+        states.append({"state": state, "metrics": metrics})
+    return states
+
+
+if __name__ == "__main__":
+    ranks = ranks_from_env()
+    with process_group(ranks):
+        out = {}
+        for case, (_, sync_bn, _) in CASES.items():
+            reduce = AllReduce(ranks.world, sync_bn)
+            out[case] = run(case, ranks.shard(BATCH), ranks.shard(META_BATCH), reduce)
+        torch.save(out, f"{sys.argv[1]}/rank{ranks.rank}.pt")
