@@ -111,9 +111,9 @@ LOGGERS = ("none", "tensorboard")
 PROGRESS = ("auto", "bar", "log", "none")
 
 
-def check_config(cfg: DictConfig, world: int = 1) -> None:
-    """Raise ConfigError naming the first setting whose value is not allowed (with `world`
-    processes under torchrun)."""
+def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
+    """Raise ConfigError naming the first setting whose value is not allowed (under torchrun
+    with that many processes, when given)."""
 
     def need(ok: bool, key: str, allowed: str) -> None:
         if not ok:  # the value as it is written on the command line
@@ -161,13 +161,13 @@ def check_config(cfg: DictConfig, world: int = 1) -> None:
     need(all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", "lists of iterations >= 1")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
-    if world > 1:  # the global batches are split evenly; the reference path is one-process
-        procs = f"{world} processes (torchrun --nproc_per_node x nodes)"
+    if world := torchrun_world:  # global batches split evenly; the reference is one-process
+        procs = f"torchrun's {world} process{'es' if world > 1 else ''}"
         for key in ("batch_size", "meta_batch_size"):
-            need(cfg[key] % world == 0, key, f"multiples of the {procs}")
-        need(cfg.meta_grad == "jvp", "meta_grad", f"jvp with {procs}")
+            need(cfg[key] % world == 0, key, f"multiples of the number of {procs}")
+        need(cfg.meta_grad == "jvp", "meta_grad", f"jvp under {procs}")
         for key in ("compile", "cuda_graphs"):
-            need(not cfg[key], key, f"false with {procs} (not supported yet)")
+            need(not cfg[key], key, f"false under {procs} (not supported yet)")
 
 
 GROUPS = ("dataset", "model", "device", "logger")

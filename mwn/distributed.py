@@ -107,11 +107,13 @@ def sync_batch_norm(model: nn.Module) -> nn.Module:
 
 @dataclass(frozen=True)
 class Ranks:
-    """Where this process stands: rank, world size and the rank on its node (torchrun's env)."""
+    """Where this process stands: rank, world size, the rank on its node, and whether torchrun
+    started it (then the distributed code path runs, also with one process)."""
 
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    torchrun: bool = False
 
     @property
     def main(self) -> bool:
@@ -125,7 +127,7 @@ class Ranks:
 
     def broadcast(self, obj):
         """Rank 0's value of a picklable object, on every rank."""
-        if self.world == 1:
+        if not self.torchrun:
             return obj
         box = [obj]
         dist.broadcast_object_list(box, src=0)
@@ -133,7 +135,7 @@ class Ranks:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on some rank (a stop signal, agreed on)."""
-        if self.world == 1:
+        if not self.torchrun:
             return flag
         t = torch.tensor([float(flag)])
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -147,14 +149,14 @@ def ranks_from_env() -> Ranks:
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python -m` sets none."""
     env = os.environ
     return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                 int(env.get("LOCAL_RANK", 0)))  # fmt: skip
+                 int(env.get("LOCAL_RANK", 0)), "WORLD_SIZE" in env)  # fmt: skip
 
 
 @contextlib.contextmanager
 def process_group(ranks: Ranks, timeout_min: float = 30) -> Iterator[Ranks]:
-    """The default process group for the block when there are several ranks: gloo for CPU
-    tensors, NCCL for CUDA ones (one GPU per rank: cuda:LOCAL_RANK)."""
-    if ranks.world == 1 or dist.is_initialized():
+    """The default process group for the block under torchrun: gloo for CPU tensors, NCCL for
+    CUDA ones (one GPU per rank: cuda:LOCAL_RANK)."""
+    if not ranks.torchrun or dist.is_initialized():
         yield ranks
         return
     backend = "gloo"

@@ -87,7 +87,7 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
     """One run. Writes metrics.jsonl and summary.json into out_dir; returns the summary.
     With several ranks (process group initialised): rank 0's out_dir is the run folder, and
     only rank 0 writes into it and returns the summary (the others return None)."""
-    check_config(cfg, ranks.world)
+    check_config(cfg, ranks.world if ranks.torchrun else None)
     device = pick_device(cfg.device.name, ranks.local_rank)
     if cfg.fp16 and device.type not in FP16_DEVICES:
         raise ConfigError(f"fp16=true: needs a CUDA device, got {device.type}; allowed: false")
@@ -153,7 +153,7 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
     # the step's classifier: with sync_bn, BatchNorm on the global batch's statistics (its
     # collectives run on every rank, so rank 0's validation uses the plain `model`)
     step_model = model
-    if cfg.sync_bn and ranks.world > 1:
+    if cfg.sync_bn and ranks.torchrun:
         step_model = sync_batch_norm(copy.deepcopy(model))
     if cfg.channels_last:
         params = channels_last(params)
@@ -180,7 +180,7 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
         meta_grad=cfg.meta_grad,
     )
     step_fn = mwn_step if cfg.method == "mwn" else erm_step
-    reduce = AllReduce(ranks.world, cfg.sync_bn) if ranks.world > 1 else LOCAL
+    reduce = AllReduce(ranks.world, cfg.sync_bn) if ranks.torchrun else LOCAL
     step = make_step(step_fn, step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce)
     log.info(
         "%s: %s-%d, %d parameters; meta-net %d parameters",
@@ -190,9 +190,9 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
         count_params(params),
         count_params(meta_params),
     )
-    if ranks.world > 1:
-        log.info("%d processes: each takes %d of every %d training and %d of every %d meta "
-                 "images; sync_bn=%s", ranks.world, cfg.batch_size // ranks.world,
+    if ranks.torchrun:
+        log.info("torchrun, world size %d: each rank takes %d of every %d training and %d of "
+                 "every %d meta images; sync_bn=%s", ranks.world, cfg.batch_size // ranks.world,
                  cfg.batch_size, cfg.meta_batch_size // ranks.world, cfg.meta_batch_size,
                  str(cfg.sync_bn).lower())  # fmt: skip
 
@@ -450,18 +450,19 @@ def main(cfg: DictConfig) -> float | None:
 QUIET_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
 
 
-def check_ranks(argv: list[str], world: int) -> str | None:
+def check_ranks(argv: list[str], ranks: Ranks) -> str | None:
     """A one-line message for a torchrun command line that cannot work, or None."""
-    if world > 1 and any(a in ("-m", "--multirun") for a in argv):
-        return (f"-m/--multirun under torchrun ({world} processes): torchrun trains one run; "
-                "sweep with one torchrun per job, or launch the sweep's jobs on a cluster "
-                "(hydra/launcher=slurm)")  # fmt: skip
+    if ranks.torchrun and any(a in ("-m", "--multirun") for a in argv):
+        return (
+            "-m/--multirun under torchrun: torchrun trains one run; sweep with one "
+            "torchrun per job, or send the sweep's jobs to a cluster (hydra/launcher=slurm)"
+        )
     return None
 
 
 if __name__ == "__main__":
     argv, ranks = sys.argv[1:], ranks_from_env()
-    if problem := check_command_line(argv, CONF_DIR) or check_ranks(argv, ranks.world):
+    if problem := check_command_line(argv, CONF_DIR) or check_ranks(argv, ranks):
         print(f"mwn: error: {problem}", file=sys.stderr)
         sys.exit(2)
     if not ranks.main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -107,19 +108,22 @@ def test_batch_sizes_must_split_evenly_over_the_processes(tmp_path):
     from test_train import make_cfg
 
     cfg = make_cfg("batch_size=99")
-    check_config(cfg, world=1)
-    with pytest.raises(ConfigError, match=r"^batch_size=99: allowed values are multiples of "
-                                          r"the 2 processes"):  # fmt: skip
-        check_config(cfg, world=2)
+    check_config(cfg)
+    check_config(cfg, torchrun_world=1)
+    with pytest.raises(ConfigError, match=r"^batch_size=99: allowed values are multiples of the "
+                                          r"number of torchrun's 2 processes$"):  # fmt: skip
+        check_config(cfg, torchrun_world=2)
     with pytest.raises(ConfigError, match=r"^meta_batch_size=51: allowed values are multiples"):
-        check_config(make_cfg("meta_batch_size=51"), world=2)
+        check_config(make_cfg("meta_batch_size=51"), torchrun_world=2)
     with pytest.raises(ConfigError, match=r"^meta_grad=double_backward: allowed values are jvp "
-                                          r"with 2 processes"):  # fmt: skip
-        check_config(make_cfg("meta_grad=double_backward"), world=2)
-    with pytest.raises(ConfigError, match=r"^compile=true: allowed values are false with 2"):
-        check_config(make_cfg("compile=true"), world=2)
-    assert "torchrun trains one run" in check_ranks(["-m", "seed=0,1"], 2)
-    assert check_ranks(["-m", "seed=0,1"], 1) is None
+                                          r"under torchrun's 1 process$"):  # fmt: skip
+        check_config(make_cfg("meta_grad=double_backward"), torchrun_world=1)
+    with pytest.raises(ConfigError, match=r"^compile=true: allowed values are false under"):
+        check_config(make_cfg("compile=true"), torchrun_world=2)
+    torchrun = Ranks(0, 1, 0, torchrun=True)
+    assert "torchrun trains one run" in check_ranks(["-m", "seed=0,1"], torchrun)
+    assert check_ranks(["-m", "seed=0,1"], Ranks()) is None
+    assert check_ranks(["seed=1"], torchrun) is None
 
 
 def test_shards_partition_the_global_batch():
@@ -174,6 +178,17 @@ def test_torchrun_trains_the_run_one_process_trains(torchrun_run, tmp_path):
     lines = (torchrun_run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["iter"] for line in lines] == list(range(1, 13))
     assert (torchrun_run / "summary.json").read_text().count('"processes": 2') == 1
+    # torchrun with one process runs the same distributed path (process group, all-reduces,
+    # BatchNorm through the cross-rank sum): still the one-process model
+    single = tmp_path / "single"
+    cmd = [*TORCHRUN[:-1], "--nproc_per_node=1", "-m", "mwn.train", *CLI, f"hydra.run.dir={single}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "torchrun, world size 1: each rank takes 100 of every 100" in proc.stdout
+    c = state_of(single, 12)
+    for group in GROUPS:
+        for k, v in b["state"][group].items():
+            assert rel_err(c["state"][group][k], v) < 1e-4, (group, k)
 
 
 def test_torchrun_stops_on_sigterm_and_the_same_command_resumes_bit_identically(
@@ -202,3 +217,47 @@ def test_torchrun_stops_on_sigterm_and_the_same_command_resumes_bit_identically(
         for k, v in b["state"][group].items():
             assert torch.equal(a["state"][group][k], v), (group, k)
     assert (folder / "metrics.jsonl").read_text() == (torchrun_run / "metrics.jsonl").read_text()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nodes(folder: Path, cwd: Path) -> list[subprocess.Popen]:
+    """Two torchrun agents on this machine, 2 nodes x 1 process, each in its own folder; node 0
+    (which hosts the rendezvous store) first. Another port if the chosen one was taken."""
+    for _ in range(3):
+        port, nodes = free_port(), []
+        for node in (0, 1):
+            (cwd / f"node{node}").mkdir(exist_ok=True)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
+                   f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
+                   f"--master_port={port}", "-m", "mwn.train", *CLI,
+                   f"hydra.run.dir={folder}"]  # fmt: skip
+            pipe = subprocess.PIPE
+            nodes.append(subprocess.Popen(cmd, cwd=cwd / f"node{node}", env=ENV, text=True,
+                                          stdout=pipe, stderr=pipe))  # fmt: skip
+            time.sleep(2 if node == 0 else 0)
+        if nodes[0].poll() is None or nodes[0].returncode == 0:
+            return nodes
+        for p in nodes:  # node 0 could not start (the port was taken meanwhile): try another
+            p.kill()
+            p.communicate()
+    raise AssertionError("no free port for the rendezvous")
+
+
+def test_two_nodes_train_the_run_one_node_trains(torchrun_run, tmp_path):
+    """Multi-node torchrun, emulated as 2 nodes x 1 process on this machine, each node started
+    in its own working folder: rank 0's run folder is the run's, and the model is bit-identical
+    to the one-node 2-process run (same ranks, same sums)."""
+    folder = tmp_path / "run"
+    nodes = start_nodes(folder, tmp_path)
+    outs = [p.communicate(timeout=600) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], [err[-3000:] for _, err in outs]
+    assert not any(list((tmp_path / f"node{n}").iterdir()) for n in (0, 1))  # nothing stray
+    a, b = state_of(folder, 12), state_of(torchrun_run, 12)
+    for group in GROUPS:
+        for k, v in b["state"][group].items():
+            assert torch.equal(a["state"][group][k], v), (group, k)

@@ -216,6 +216,25 @@ def test_the_slurm_example_config_composes_onto_submitit():
     assert launcher.array_parallelism == 16
 
 
+def test_a_seed_by_imbalance_sweep_through_submitit_is_summarised(tmp_path):
+    """The path a SLURM sweep takes, SLURM aside: Hydra's submitit launcher pickles each job and
+    runs it in its own process (submitit's local executor here), then the summary is written;
+    the seed table averages over the seeds of each imbalance."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli("-m", "hydra/launcher=submitit_local", "imbalance=10,50", "seed=0,1", *TINY,
+                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 4  # submitit ran them
+    rows = read_csv(sweep / "summary.csv")
+    assert sorted((r["imbalance"], r["seed"]) for r in rows) == [
+        ("10", "0"), ("10", "1"), ("50", "0"), ("50", "1")]  # fmt: skip
+    seeds = {r["imbalance"]: r for r in read_csv(sweep / "summary_seeds.csv")}
+    for imbalance, group in seeds.items():
+        finals = [float(r["final_acc"]) for r in rows if r["imbalance"] == imbalance]
+        assert float(group["final_acc"]) == pytest.approx(statistics.mean(finals))
+        assert float(group["final_acc_std"]) == pytest.approx(statistics.stdev(finals))
+
+
 def test_the_noise_auc_column_appears_only_for_noise_sweeps(tmp_path):
     fake_job(tmp_path / "plain", 0, ["seed=0"], final_acc=50.0)
     fake_job(tmp_path / "plain", 1, ["seed=1"], final_acc=52.0)
