@@ -34,6 +34,10 @@ class Reduce:
         """Each tensor summed over the ranks."""
         return tensors
 
+    def sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks, differentiable (reverse and forward mode)."""
+        return x
+
     def buffers(self, buffers: Tensors) -> Tensors:
         """BatchNorm running statistics made equal on every rank."""
         return buffers
@@ -61,6 +65,9 @@ class AllReduce(Reduce):
             out.append(torch.empty_like(t).copy_(flat[start : start + t.numel()].view(t.shape)))
             start += t.numel()
         return out
+
+    def sum_over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        return sum_over_ranks(x)
 
     def buffers(self, buffers: Tensors) -> Tensors:
         if self.sync_bn:

@@ -86,17 +86,18 @@ def mean_loss(model: nn.Module, params: Tensors, buffers: Tensors, x, y, amp=Non
 
 
 def sample_weights(
-    meta_net: nn.Module, meta_params: Tensors, losses: torch.Tensor, normalize: bool
+    meta_net: nn.Module,
+    meta_params: Tensors,
+    losses: torch.Tensor,
+    normalize: bool,
+    reduce: Reduce = LOCAL,
 ) -> torch.Tensor:
-    """V(L_i; Theta) for detached losses (B,); normalised to mean 1 when asked."""
+    """V(L_i; Theta) for detached losses (B,); normalised to mean 1 (over the global batch: the
+    sum goes through the ranks, differentiably) when asked."""
     w = functional_call(meta_net, meta_params, (losses.detach(),), strict=True)
-    return w * (w.numel() / w.sum()) if normalize else w
-
-
-def _mean_one(raw: torch.Tensor, n: int, reduce: Reduce) -> tuple[torch.Tensor, torch.Tensor]:
-    """Raw weights (this rank's) scaled to mean 1 over the global batch of n; and their sum."""
-    (total,) = reduce.sum([raw.sum()])
-    return raw * (n / total), total
+    if not normalize:
+        return w
+    return w * (w.numel() * reduce.world / reduce.sum_over_ranks(w.sum()))
 
 
 def _summed(reduce: Reduce, tensors: Tensors) -> Tensors:
@@ -134,16 +135,16 @@ def exact_meta_grad(
     """
     params, buffers = state["params"], state["buffers"]
     (x, y), (xm, ym) = batch, meta_batch
-    n, n_meta = y.shape[0] * reduce.world, ym.shape[0] * reduce.world  # global batch sizes
+    n = y.shape[0] * reduce.world  # the global batch size
 
     # train losses at w; `pullback(u)` = sum_i u_i grad L_i(w), callable more than once
     losses, pullback, new_buffers = vjp(
         lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp), params, has_aux=True
     )
-    raw, raw_pullback = vjp(
-        lambda th: sample_weights(meta_net, th, losses, normalize=False), state["meta_params"]
+    weights, weights_pullback = vjp(
+        lambda th: sample_weights(meta_net, th, losses, hp.normalize_weights, reduce),
+        state["meta_params"],
     )
-    weights, total = _mean_one(raw, n, reduce) if hp.normalize_weights else (raw, None)
     pieces = {"losses": losses, "pullback": pullback, "new_buffers": new_buffers,
               "weights": weights}  # fmt: skip
     if hp.meta_grad == "double_backward":  # the reference: autodiff through the unrolled step
@@ -154,8 +155,8 @@ def exact_meta_grad(
     g_train = _summed(reduce, g_train)
     ahead, ahead_momentum = hp.sgd(params, _scaled(g_train, 1 / scale), state["momentum"], lr)
     # meta loss at w' (BatchNorm in training mode; real running stats untouched)
-    g_meta, meta_loss = grad_and_value(
-        lambda p: per_sample_loss(model, p, buffers, xm, ym, hp.amp)[0].sum() * (scale / n_meta)
+    g_meta, meta_loss = grad_and_value(  # this rank's share of the global mean
+        lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp) * (scale / reduce.world)
     )(ahead)
     *g_sum, meta_loss = reduce.sum([*g_meta.values(), meta_loss])
     g_meta = _scaled(dict(zip(g_meta, g_sum)), 1 / scale)
@@ -168,11 +169,7 @@ def exact_meta_grad(
         lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp)[0], (params,), (tangent,)
     )
     a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
-    u = jg * (-a / n) / t  # d(meta loss) / d(weight_i)
-    if hp.normalize_weights:  # through w_i = n r_i / S, S = sum of the raw weights r_j:
-        (uw,) = reduce.sum([(u * weights).sum()])  # d/dr_j = (n / S) (u_j - sum_i u_i w_i / n)
-        u = (n / total) * (u - uw / n)
-    (meta_grad,) = raw_pullback(u)
+    (meta_grad,) = weights_pullback(jg * (-a / n) / t)
     meta_grad = _summed(reduce, meta_grad)
     return {
         **pieces,
@@ -208,9 +205,8 @@ def mwn_step(
     )
     # 6. classifier update: with the updated meta-net (roll back), or keep the lookahead
     if hp.rollback:
-        weights = sample_weights(meta_net, meta_params, out["losses"], normalize=False)
-        if hp.normalize_weights:
-            weights, _ = _mean_one(weights, n, reduce)
+        weights = sample_weights(meta_net, meta_params, out["losses"], hp.normalize_weights,
+                                 reduce)  # fmt: skip
         (g_train,) = out["pullback"](weights * (scale / n))
         g_train = _summed(reduce, g_train)
         params, momentum = hp.sgd(
@@ -228,12 +224,13 @@ def mwn_step(
         "meta_opt": meta_opt,
     }
     losses = out["losses"]
-    sums = reduce.sum([torch.stack([losses.sum(), (weights * losses).sum(), weights.sum()])])[0]
+    means = [losses.mean(), (weights * losses).mean(), weights.mean()]
+    means = reduce.sum([torch.stack(means) / reduce.world])[0]  # over the global batch
     metrics = {
-        "loss": sums[0] / n,
-        "weighted_loss": sums[1] / n,
+        "loss": means[0],
+        "weighted_loss": means[1],
         "meta_loss": out["meta_loss"],
-        "mean_weight": sums[2] / n,
+        "mean_weight": means[2],
         "meta_grad_norm": torch.stack([g.square().sum() for g in out["meta_grad"].values()])
         .sum()
         .sqrt(),
@@ -255,12 +252,11 @@ def erm_step(
 ) -> tuple[dict, dict]:
     """Plain training with uniform weights: the baseline, same signature as `mwn_step`."""
     x, y = batch
-    n = y.shape[0] * reduce.world  # the global batch size
     scale = state["scaler"]["scale"] if hp.fp16 else 1.0
 
-    def scaled_loss(p):
+    def scaled_loss(p):  # this rank's share of the global mean
         losses, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp)
-        return losses.sum() * (scale / n), new_buffers
+        return losses.mean() * (scale / reduce.world), new_buffers
 
     g, (loss, new_buffers) = grad_and_value(scaled_loss, has_aux=True)(state["params"])
     *g_sum, loss = reduce.sum([*g.values(), loss])

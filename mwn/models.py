@@ -38,12 +38,19 @@ class BatchNorm2d(nn.BatchNorm2d):
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.sum_over_ranks is not None):
             return super().forward(x)
+        # one sum over the ranks per pass: count, sum and sum of squares, each taken about the
+        # running mean (equal on every rank, a constant here) so that E[d^2] - E[d]^2 does not
+        # cancel catastrophically
+        shift = self.running_mean.view(1, -1, 1, 1)
+        d = x - shift
         count = x.new_tensor([x.numel() / x.shape[1]])
-        sums = self.sum_over_ranks(torch.cat([x.sum(dim=(0, 2, 3)), count]))
-        n = sums[-1].detach()
-        mean = sums[:-1] / n
+        sums = self.sum_over_ranks(torch.cat([count, d.sum(dim=(0, 2, 3)),
+                                              d.square().sum(dim=(0, 2, 3))]))  # fmt: skip
+        n, c = sums[0].detach(), x.shape[1]
+        mean_d, mean_d2 = sums[1 : 1 + c] / n, sums[1 + c :] / n
+        mean = self.running_mean + mean_d
+        var = mean_d2 - mean_d.square()  # biased, as BatchNorm normalises with
         centred = x - mean.view(1, -1, 1, 1)
-        var = self.sum_over_ranks(centred.square().sum(dim=(0, 2, 3))) / n  # biased, as BN
         with torch.no_grad():  # running statistics: PyTorch's rule (unbiased variance)
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
