@@ -23,6 +23,10 @@ class BatchNorm2d(nn.BatchNorm2d):
     an fp16 output, which the next convolution's JVP rejects; computing in fp32 and casting back
     casts the tangent too. fp32 and fp64 inputs take the plain path.
 
+    In training mode it runs PyTorch's own batch-norm kernels (forward and backward, so results
+    are those of nn.BatchNorm2d bit for bit) with a cheaper forward-mode rule (`_TrainBatchNorm`)
+    for the JVP of the exact meta-gradient.
+
     `sum_over_ranks` (set by `mwn.distributed.sync_batch_norm`) is a differentiable sum over the
     processes; with it, training-mode statistics (and so the running ones) are those of the
     global batch, exactly as one process with the whole batch would compute them.
@@ -36,8 +40,12 @@ class BatchNorm2d(nn.BatchNorm2d):
         return self._normalise(x)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.sum_over_ranks is not None):
+        if not (self.training and self.track_running_stats and self.momentum is not None):
             return super().forward(x)
+        if self.sum_over_ranks is None:
+            self.num_batches_tracked.add_(1)
+            return _TrainBatchNorm.apply(x, self.weight, self.bias, self.running_mean,
+                                         self.running_var, self.momentum, self.eps)[0]  # fmt: skip
         # one sum over the ranks per pass: count, sum and sum of squares, each taken about the
         # running mean (equal on every rank, a constant here) so that E[d^2] - E[d]^2 does not
         # cancel catastrophically
@@ -58,6 +66,51 @@ class BatchNorm2d(nn.BatchNorm2d):
             self.num_batches_tracked.add_(1)
         scale = self.weight * torch.rsqrt(var + self.eps)
         return centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+class _TrainBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm: PyTorch's kernels forward and backward, and a forward-mode rule
+    with six passes over the activations instead of PyTorch's generic formula (about half the
+    time of the JVP of F.batch_norm on a CPU). With xc = x - mean, s = 1 / std:
+        y_t = g s (x_t - mean(x_t) - xhat m) + g_t xhat + b_t,  m = mean(xhat x_t),  xhat = xc s
+    (means over batch and space, per channel). Updates the running statistics in place, as
+    F.batch_norm does."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, momentum, eps):
+        return torch.native_batch_norm(x, weight, bias, running_mean, running_var, True,
+                                       momentum, eps)  # fmt: skip
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _, running_mean, running_var, _, eps = inputs
+        _, mean, invstd = output
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(x, weight, running_mean, running_var, mean, invstd)
+        ctx.save_for_forward(x, weight, mean, invstd)
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _invstd):
+        x, weight, running_mean, running_var, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, running_mean, running_var, mean, invstd, True, ctx.eps,
+            [True, True, True])  # fmt: skip
+        return gx, gw, gb, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, weight, mean, invstd = ctx.saved_tensors
+        per_channel = lambda t: t.view(1, -1, 1, 1)
+        dims = (0, 2, 3)
+        xc = x - per_channel(mean)
+        mean_t = x_t.mean(dims)
+        m = (xc * x_t).mean(dims) * invstd
+        a = weight * invstd
+        k = -a * m if weight_t is None else weight_t - a * m
+        d = -a * mean_t if bias_t is None else bias_t - a * mean_t
+        y_t = torch.addcmul(per_channel(d), per_channel(k * invstd), xc)
+        return y_t.addcmul_(per_channel(a), x_t), None, None
 
 
 class BasicBlock(nn.Module):

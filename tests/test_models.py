@@ -110,3 +110,40 @@ def test_batchnorm_matches_pytorch_in_every_mode_of_differentiation():
         (g,) = torch.autograd.grad((y * u).sum(), xs, create_graph=True)
         dbl.append(torch.autograd.grad((g**2).sum(), module.weight)[0])
     torch.testing.assert_close(dbl[0], dbl[1], rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_training_batchnorm_is_pytorchs_bit_for_bit_in_float32(memory_format):
+    """The training-mode forward, running statistics and gradients are PyTorch's own kernels'
+    (so ERM training is unchanged bit for bit); only the forward-mode rule is ours."""
+    torch.manual_seed(1)
+    ours, ref = BatchNorm2d(6), torch.nn.BatchNorm2d(6)
+    ref.load_state_dict(ours.state_dict())
+    x = (torch.randn(10, 6, 7, 7) * 2 + 0.5).contiguous(memory_format=memory_format)
+    u = torch.randn(10, 6, 7, 7)
+    outs = []
+    for module in (ours, ref):
+        xs = x.clone().requires_grad_()
+        y = module(xs)
+        grads = torch.autograd.grad((y * u).sum(), (xs, module.weight, module.bias))
+        outs.append((y, *grads, *(b.clone() for b in module.buffers())))
+    for a, b in zip(*outs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_batchnorm_forward_mode_with_tangents_on_some_inputs_only():
+    """JVP along the input alone and along the parameters alone (None tangents inside)."""
+    torch.manual_seed(2)
+    ours, ref = BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
+    x = torch.randn(6, 3, 4, 4, dtype=torch.float64) - 2
+    p = {k: v.detach() + 0.3 for k, v in ours.named_parameters()}
+    b = {k: v.detach() for k, v in ours.named_buffers()}
+    f = lambda m: lambda x, p: functional_call(m, (p, {k: v.clone() for k, v in b.items()}), (x,))
+    x_t = torch.randn_like(x)
+    _, a = jvp(lambda x: f(ours)(x, p), (x,), (x_t,))  # weight, bias: no tangents
+    _, r = jvp(lambda x: f(ref)(x, p), (x,), (x_t,))
+    torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    t = {k: torch.randn_like(v) for k, v in p.items()}
+    _, a = jvp(lambda p: f(ours)(x, p), (p,), (t,))  # input: no tangent
+    _, r = jvp(lambda p: f(ref)(x, p), (p,), (t,))
+    torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
