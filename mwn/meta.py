@@ -21,6 +21,7 @@ from torch import nn
 from torch.func import functional_call, grad_and_value, jvp, vjp
 
 from mwn.distributed import LOCAL, Reduce
+from mwn.models import jvp_rule
 from mwn.optim import adam_step, sgd_lookahead_scale, sgd_step
 
 # torch.func's JVP of batch norm scripts a decomposition once; torch warns about its own use
@@ -165,9 +166,10 @@ def exact_meta_grad(
     if hp.fp16:  # keep the fp16 tangents in range: the JVP is linear, so run it at max |g| = 1
         t = 1 / torch.stack([v.abs().max() for v in g_meta.values()]).max().clamp(min=1e-30)
         tangent = {k: v * t for k, v in g_meta.items()}
-    _, jg = jvp(
-        lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp)[0], (params,), (tangent,)
-    )
+    with jvp_rule():  # BatchNorm's cheaper forward-mode rule (mwn.models)
+        _, jg = jvp(
+            lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp)[0], (params,), (tangent,)
+        )
     a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
     (meta_grad,) = weights_pullback(jg * (-a / n) / t)
     meta_grad = _summed(reduce, meta_grad)

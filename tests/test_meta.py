@@ -86,6 +86,22 @@ def test_meta_gradient_equals_autodiff_through_the_unrolled_step(variant):
     torch.testing.assert_close(ours["meta_loss"], ref_meta_loss, rtol=1e-12, atol=0)
 
 
+def test_the_batchnorm_jvp_rule_keeps_the_meta_gradient_exact(monkeypatch):
+    """The JVP pass's own BatchNorm rule (used on CIFAR-sized activations) on every layer of
+    the test model: the meta-gradient still equals autodiff through the unrolled step."""
+    calls = []
+    rule = models._TrainBatchNorm.jvp
+    monkeypatch.setattr(models, "JVP_RULE_MIN_SIZE", 0)
+    monkeypatch.setattr(models._TrainBatchNorm, "jvp",
+                        staticmethod(lambda *a: calls.append(1) or rule(*a)))  # fmt: skip
+    hp = VARIANTS["nesterov+normalized"]
+    model, meta_net, state, batch, meta_batch = setup()
+    ours = exact_meta_grad(model, meta_net, state, batch, meta_batch, LR, hp)["meta_grad"]
+    ref = meta_grad_double_backward(model, meta_net, state, batch, meta_batch, LR, hp)
+    assert len(calls) == 7  # our rule, once per BatchNorm layer (in the JVP pass)
+    assert rel_err(ours, ref["meta_grad"]) < 1e-9
+
+
 @pytest.mark.parametrize("variant", ["momentum+wd", "nesterov+normalized"])
 def test_meta_gradient_agrees_with_central_finite_differences(variant):
     hp = VARIANTS[variant]

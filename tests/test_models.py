@@ -1,7 +1,10 @@
+import contextlib
+
 import pytest
 import torch
 from torch.func import functional_call, jvp, vjp
 
+from mwn import models
 from mwn.models import (
     BatchNorm2d,
     MetaNet,
@@ -9,6 +12,7 @@ from mwn.models import (
     build_classifier,
     count_params,
     extract_state,  # fmt: skip
+    jvp_rule,
 )
 
 
@@ -74,8 +78,26 @@ def test_extract_state_copies():
     assert not torch.equal(params["fc.bias"], model.fc.bias)
 
 
-def test_batchnorm_matches_pytorch_in_every_mode_of_differentiation():
-    """Forward, running statistics, VJP, JVP and double backward equal nn.BatchNorm2d's (fp64)."""
+@pytest.mark.parametrize("rule", ["plain", "jvp_rule"])
+def test_batchnorm_matches_pytorch_in_every_mode_of_differentiation(rule, rule_calls):
+    """Forward, running statistics, VJP, JVP and double backward equal nn.BatchNorm2d's (fp64),
+    also with the forward-mode rule of the JVP pass."""
+    with jvp_rule() if rule == "jvp_rule" else contextlib.nullcontext():
+        _batchnorm_matches_pytorch()
+    assert len(rule_calls) == (1 if rule == "jvp_rule" else 0)  # the one JVP in there
+
+
+@pytest.fixture(autouse=True)
+def rule_calls(monkeypatch) -> list:
+    """Every size takes the JVP pass's rule; the list counts its uses."""
+    calls, rule = [], models._TrainBatchNorm.jvp
+    monkeypatch.setattr(models, "JVP_RULE_MIN_SIZE", 0)
+    monkeypatch.setattr(models._TrainBatchNorm, "jvp",
+                        staticmethod(lambda *a: calls.append(1) or rule(*a)))  # fmt: skip
+    return calls
+
+
+def _batchnorm_matches_pytorch():
     torch.manual_seed(0)
     ours, ref = BatchNorm2d(4).double(), torch.nn.BatchNorm2d(4).double()
     with torch.no_grad():
@@ -114,8 +136,9 @@ def test_batchnorm_matches_pytorch_in_every_mode_of_differentiation():
 
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_training_batchnorm_is_pytorchs_bit_for_bit_in_float32(memory_format):
-    """The training-mode forward, running statistics and gradients are PyTorch's own kernels'
-    (so ERM training is unchanged bit for bit); only the forward-mode rule is ours."""
+    """The JVP pass's BatchNorm (`_TrainBatchNorm`) runs PyTorch's own kernels forward and
+    backward: output, running statistics and gradients bit for bit; only the forward-mode rule
+    is ours."""
     torch.manual_seed(1)
     ours, ref = BatchNorm2d(6), torch.nn.BatchNorm2d(6)
     ref.load_state_dict(ours.state_dict())
@@ -124,14 +147,15 @@ def test_training_batchnorm_is_pytorchs_bit_for_bit_in_float32(memory_format):
     outs = []
     for module in (ours, ref):
         xs = x.clone().requires_grad_()
-        y = module(xs)
+        with jvp_rule():
+            y = module(xs)
         grads = torch.autograd.grad((y * u).sum(), (xs, module.weight, module.bias))
         outs.append((y, *grads, *(b.clone() for b in module.buffers())))
     for a, b in zip(*outs, strict=True):
         assert torch.equal(a, b)
 
 
-def test_batchnorm_forward_mode_with_tangents_on_some_inputs_only():
+def test_batchnorm_forward_mode_with_tangents_on_some_inputs_only(rule_calls):
     """JVP along the input alone and along the parameters alone (None tangents inside)."""
     torch.manual_seed(2)
     ours, ref = BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
@@ -140,10 +164,12 @@ def test_batchnorm_forward_mode_with_tangents_on_some_inputs_only():
     b = {k: v.detach() for k, v in ours.named_buffers()}
     f = lambda m: lambda x, p: functional_call(m, (p, {k: v.clone() for k, v in b.items()}), (x,))
     x_t = torch.randn_like(x)
-    _, a = jvp(lambda x: f(ours)(x, p), (x,), (x_t,))  # weight, bias: no tangents
-    _, r = jvp(lambda x: f(ref)(x, p), (x,), (x_t,))
-    torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
     t = {k: torch.randn_like(v) for k, v in p.items()}
-    _, a = jvp(lambda p: f(ours)(x, p), (p,), (t,))  # input: no tangent
-    _, r = jvp(lambda p: f(ref)(x, p), (p,), (t,))
-    torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    _, ref_x = jvp(lambda x: f(ref)(x, p), (x,), (x_t,))  # PyTorch's rule
+    _, ref_p = jvp(lambda p: f(ref)(x, p), (p,), (t,))
+    with jvp_rule():
+        _, a = jvp(lambda x: f(ours)(x, p), (x,), (x_t,))  # weight, bias: no tangents
+        torch.testing.assert_close(a, ref_x, rtol=1e-12, atol=1e-12)
+        _, a = jvp(lambda p: f(ours)(x, p), (p,), (t,))  # input: no tangent
+        torch.testing.assert_close(a, ref_p, rtol=1e-12, atol=1e-12)
+    assert len(rule_calls) == 2
