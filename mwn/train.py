@@ -95,10 +95,9 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
         raise ConfigError(
             f"cuda_graphs=true: needs a CUDA device, got {device.type}; allowed: false"
         )
-    if cfg.resume:  # continue that run in its own folder
-        out_dir = Path(to_absolute_path(cfg.resume))
-        if not out_dir.is_dir():
-            raise ConfigError(f"resume={cfg.resume!r}: no such run folder")
+    out_dir = run_folder(cfg, out_dir)
+    if cfg.resume and not out_dir.is_dir():
+        raise ConfigError(f"resume={cfg.resume!r}: no such run folder")
     out_dir = ranks.broadcast(out_dir.absolute())  # rank 0's; it must be on a shared filesystem
     if ranks.main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -356,6 +355,12 @@ NOISE_KEYS = ("weight_clean", "weight_noisy", "noise_auc")
 NOISE_PROBE = 1000  # training samples on which clean and corrupted weights are compared
 
 
+def run_folder(cfg: DictConfig, out_dir: Path) -> Path:
+    """Where the run lives: the folder named by `resume` (a run continued in its own folder),
+    else Hydra's output folder."""
+    return Path(to_absolute_path(cfg.resume)) if cfg.resume else out_dir
+
+
 def meta_per_class(cfg: DictConfig, num_classes: int) -> int:
     """meta_size / classes when meta_size is set (it must divide evenly), else meta_per_class."""
     if cfg.meta_size is None:
@@ -440,7 +445,7 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(3 if isinstance(e, NonFinite) else 2)
     if summary is None:  # a rank other than 0
         return None
-    plot_run_or_note(Path(to_absolute_path(cfg.resume)) if cfg.resume else out_dir)
+    plot_run_or_note(run_folder(cfg, out_dir))
     print(result_line(summary), flush=True)
     return summary["final_acc"]
 
