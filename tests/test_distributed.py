@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_worker import BATCH, CASES, LR, make_case, run
+from test_checkpoint import assert_same_run, final_state
 from torch.utils._pytree import tree_flatten
 
 from mwn import checkpoint
@@ -138,8 +139,9 @@ CLI = ["model.depth=8", "model.width=4", "train_iters=12", "val_every=6", "log_e
        "checkpoint_every=4", "progress=none", "sync_bn=true", "device=cpu"]  # fmt: skip
 
 
-def torchrun(folder: Path, *args: str, wait: bool = True):
-    cmd = [*TORCHRUN, "-m", "mwn.train", *CLI, *args, f"hydra.run.dir={folder}"]
+def torchrun(folder: Path, *args: str, wait: bool = True, nproc: int = 2):
+    cmd = [*TORCHRUN[:-1], f"--nproc_per_node={nproc}", "-m", "mwn.train", *CLI, *args,
+           f"hydra.run.dir={folder}"]  # fmt: skip
     if not wait:
         return subprocess.Popen(cmd, cwd=folder.parent, env=ENV, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -157,8 +159,12 @@ def torchrun_run(tmp_path_factory) -> Path:
     return folder
 
 
-def state_of(folder: Path, iteration: int) -> dict:
-    return torch.load(folder / f"checkpoint-{iteration}.pt", weights_only=False)
+def assert_close_models(a: Path, b: Path, tol: float = 1e-4) -> None:
+    """The final states of two run folders agree within `tol` (relative, per tensor)."""
+    sa, sb = final_state(a), final_state(b)
+    for group in GROUPS:
+        for k, v in sb[group].items():
+            assert rel_err(sa[group][k], v) < tol, (group, k)
 
 
 def test_torchrun_trains_the_run_one_process_trains(torchrun_run, tmp_path):
@@ -168,11 +174,10 @@ def test_torchrun_trains_the_run_one_process_trains(torchrun_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mwn.train", *CLI, f"hydra.run.dir={one}"],
                           cwd=tmp_path, env=ENV, capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-4000:]
-    a, b = state_of(torchrun_run, 12), state_of(one, 12)
-    assert a["world"] == 2 and b["world"] == 1
-    for group in GROUPS:
-        for k, v in b["state"][group].items():
-            assert rel_err(a["state"][group][k], v) < 1e-4, (group, k)
+    worlds = [torch.load(checkpoint.checkpoints(f)[0], weights_only=True)["world"]
+              for f in (torchrun_run, one)]  # fmt: skip
+    assert worlds == [2, 1]
+    assert_close_models(torchrun_run, one)
     # one folder, rank 0's files only: each metrics line once, one log, no stray run folders
     assert sorted(p.name for p in torchrun_run.parent.iterdir()) == ["run"]
     lines = (torchrun_run / "metrics.jsonl").read_text().splitlines()
@@ -181,14 +186,10 @@ def test_torchrun_trains_the_run_one_process_trains(torchrun_run, tmp_path):
     # torchrun with one process runs the same distributed path (process group, all-reduces,
     # BatchNorm through the cross-rank sum): still the one-process model
     single = tmp_path / "single"
-    cmd = [*TORCHRUN[:-1], "--nproc_per_node=1", "-m", "mwn.train", *CLI, f"hydra.run.dir={single}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    proc = torchrun(single, nproc=1)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "torchrun, world size 1: each rank takes 100 of every 100" in proc.stdout
-    c = state_of(single, 12)
-    for group in GROUPS:
-        for k, v in b["state"][group].items():
-            assert rel_err(c["state"][group][k], v) < 1e-4, (group, k)
+    assert_close_models(single, one)
 
 
 def test_torchrun_stops_on_sigterm_and_the_same_command_resumes_bit_identically(
@@ -212,11 +213,7 @@ def test_torchrun_stops_on_sigterm_and_the_same_command_resumes_bit_identically(
     again = torchrun(folder)
     assert again.returncode == 0, again.stderr[-4000:]
     assert "resuming from" in again.stdout + again.stderr
-    a, b = state_of(folder, 12), state_of(torchrun_run, 12)
-    for group in GROUPS:
-        for k, v in b["state"][group].items():
-            assert torch.equal(a["state"][group][k], v), (group, k)
-    assert (folder / "metrics.jsonl").read_text() == (torchrun_run / "metrics.jsonl").read_text()
+    assert_same_run(folder, torchrun_run)  # state, metrics.jsonl and summary, bit for bit
 
 
 def free_port() -> int:
@@ -257,7 +254,4 @@ def test_two_nodes_train_the_run_one_node_trains(torchrun_run, tmp_path):
     outs = [p.communicate(timeout=600) for p in nodes]
     assert [p.returncode for p in nodes] == [0, 0], [err[-3000:] for _, err in outs]
     assert not any(list((tmp_path / f"node{n}").iterdir()) for n in (0, 1))  # nothing stray
-    a, b = state_of(folder, 12), state_of(torchrun_run, 12)
-    for group in GROUPS:
-        for k, v in b["state"][group].items():
-            assert torch.equal(a["state"][group][k], v), (group, k)
+    assert_same_run(folder, torchrun_run)
