@@ -21,8 +21,10 @@ Step = Callable[..., tuple[dict, dict]]  # (state, batch, meta_batch, lr) -> (st
 
 def channels_last(tensors: Tensors) -> Tensors:
     """4-D tensors (conv weights, image batches) in NHWC order; others unchanged."""
-    return {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
-            for k, v in tensors.items()}  # fmt: skip
+    return {
+        k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+        for k, v in tensors.items()
+    }
 
 
 class CudaGraphStep:
@@ -31,7 +33,8 @@ class CudaGraphStep:
     Each call copies its inputs into the captured input tensors, replays, and returns the
     captured outputs (overwritten by the next call). Valid because the step is a pure function
     with static shapes, no host syncs, and every changing value (lr, Adam's step count, the loss
-    scale) a tensor. Captured at the first call, after a few warm-up calls on a side stream.
+    scale) a tensor: a float lr is copied into a device tensor. Captured at the first call,
+    after a few warm-up calls on a side stream.
     """
 
     def __init__(self, step: Step, warmup: int = 3) -> None:
@@ -50,19 +53,41 @@ class CudaGraphStep:
         with torch.cuda.graph(self.graph):
             self.static_out = self.step(*self.static_in)
 
-    def __call__(self, *args) -> tuple[dict, dict]:
+    def __call__(self, state: dict, batch, meta_batch, lr) -> tuple[dict, dict]:
+        if not isinstance(lr, torch.Tensor):  # a float would be frozen into the graph
+            lr = torch.tensor(lr, device=batch[0].device)
+        args = (state, batch, meta_batch, lr)
         if self.graph is None:
             self._capture(args)
         src, spec = tree_flatten(args)
         dst, static_spec = tree_flatten(self.static_in)
         if spec != static_spec:
             raise ValueError("CudaGraphStep: the inputs' structure differs from the captured one")
-        pairs = [(d, s) for d, s in zip(dst, src, strict=True)
-                 if isinstance(d, torch.Tensor) and d is not s]  # fmt: skip
+        pairs = [
+            (d, s)
+            for d, s in zip(dst, src, strict=True)
+            if isinstance(d, torch.Tensor) and d is not s
+        ]
         if pairs:
             torch._foreach_copy_([d for d, _ in pairs], [s for _, s in pairs])
         self.graph.replay()
         return self.static_out
+
+    @property
+    def last_state(self) -> dict:
+        """The state the last call started from (its outputs are overwritten by the next)."""
+        return self.static_in[0]
+
+
+class PlainStep:
+    """A step function called as it is, remembering the state the last call started from."""
+
+    def __init__(self, step: Step) -> None:
+        self.step, self.last_state = step, None
+
+    def __call__(self, state: dict, batch, meta_batch, lr) -> tuple[dict, dict]:
+        self.last_state = state
+        return self.step(state, batch, meta_batch, lr)
 
 
 def make_step(
@@ -73,11 +98,11 @@ def make_step(
     compile: bool = False,
     cuda_graphs: bool = False,
     reduce: Reduce = LOCAL,
-) -> Callable[[dict, tuple, tuple | None, float | torch.Tensor], tuple[dict, dict]]:
+) -> PlainStep | CudaGraphStep:
     """`step` with model, meta-net, hyperparameters and the cross-rank sum bound; compiled
-    and/or graphed on request. With cuda_graphs, pass lr as a device tensor (a float would be
-    frozen into the graph)."""
+    and/or graphed on request. Called as step(state, batch, meta_batch, lr); `.last_state` is
+    the state the last call started from (what to save when its result is not finite)."""
     bound = functools.partial(step, model, meta_net, hp=hp, reduce=reduce)
     if compile:
         bound = torch.compile(bound)
-    return CudaGraphStep(bound) if cuda_graphs else bound
+    return CudaGraphStep(bound) if cuda_graphs else PlainStep(bound)

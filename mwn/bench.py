@@ -1,6 +1,7 @@
 """`python -m mwn.bench`: time the real training steps, interleaved in one process.
 
-Variants, each the trainer's own step function wrapped by `mwn.accel.make_step`:
+Variants, each the trainer's own step function wrapped by `mwn.accel.make_step`, with the step
+hyperparameters of the trainer's composed config (its defaults, or the overrides given):
     erm              plain training: forward, backward, SGD step
     mwn              MWN iteration, exact JVP meta-gradient, rollback=true
     mwn_no_rollback  the same with rollback=false
@@ -25,10 +26,13 @@ from pathlib import Path
 import torch
 
 from mwn.accel import channels_last, make_step
-from mwn.data import DeviceImages, Sampler, batch_generator
-from mwn.meta import StepHP, erm_step, mwn_step, scaler_init
+from mwn.config import compose_config
+from mwn.data import DeviceImages, Sampler
+from mwn.fp16 import scaler_init
+from mwn.meta import STEPS, StepHP
 from mwn.models import MetaNet, ResNet, extract_state
 from mwn.optim import adam_init, sgd_init
+from mwn.seeds import Stream, step_generator
 
 VARIANTS = ("erm", "mwn", "mwn_no_rollback", "double_backward")
 
@@ -52,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--json", default="bench.json", help="where to write the results")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        help="config overrides for the step's hyperparameters, "
+        "as for mwn.train (e.g. nesterov=true); default: the trainer's defaults",
+    )
     args = p.parse_args(argv)
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
@@ -79,32 +89,48 @@ def setup(args: argparse.Namespace) -> dict:
     if args.channels_last:
         params = channels_last(params)
     meta_params, _ = extract_state(meta_net)
-    state = {"params": params, "buffers": buffers, "momentum": sgd_init(params),
-             "meta_params": meta_params, "meta_opt": adam_init(meta_params)}  # fmt: skip
+    state = {
+        "params": params,
+        "buffers": buffers,
+        "momentum": sgd_init(params),
+        "meta_params": meta_params,
+        "meta_opt": adam_init(meta_params),
+    }
     if args.fp16:
         state["scaler"] = scaler_init(device=device)
     images = torch.randint(0, 256, (50_000, c, h, w), dtype=torch.uint8)
     labels = torch.randint(0, args.classes, (50_000,))
-    data = DeviceImages(images, labels, [0.5] * c, [0.25] * c, device,
-                        channels_last=args.channels_last)  # fmt: skip
-    sampler = Sampler(len(data), args.batch_size, seed=0, stream=0, what="--batch-size")
+    data = DeviceImages(
+        images, labels, [0.5] * c, [0.25] * c, device, channels_last=args.channels_last
+    )
+    sampler = Sampler(len(data), args.batch_size, 0, Stream.TRAIN_BATCHES, "--batch-size")
 
     def draw(k: int, size: int):
-        return data.batch(sampler.indices(k)[:size], 4, True, batch_generator(0, 2, k, device))
+        gen = step_generator(0, Stream.TRAIN_AUG, k, device)
+        return data.batch(sampler.indices(k)[:size], 4, True, gen)
 
-    hp = StepHP(fp16=args.fp16, bf16=args.bf16)
+    hp = replace(StepHP.from_config(compose_config(args.overrides)), fp16=args.fp16, bf16=args.bf16)
     specs = {
-        "erm": (erm_step, hp),
-        "mwn": (mwn_step, hp),
-        "mwn_no_rollback": (mwn_step, replace(hp, rollback=False)),
-        "double_backward": (mwn_step, replace(hp, meta_grad="double_backward")),
+        "erm": (STEPS["erm"], hp),
+        "mwn": (STEPS["mwn"], replace(hp, rollback=True, meta_grad="jvp")),
+        "mwn_no_rollback": (STEPS["mwn"], replace(hp, rollback=False, meta_grad="jvp")),
+        "double_backward": (STEPS["mwn"], replace(hp, rollback=True, meta_grad="double_backward")),
     }
-    steps = {name: make_step(fn, model, meta_net, shp, args.compile, args.cuda_graphs)
-             for name, (fn, shp) in specs.items() if name in args.variants.split(",")}  # fmt: skip
-    lr = torch.tensor(0.1, device=device) if args.cuda_graphs else 0.1
-    return {"device": device, "state": state, "steps": steps, "draw": draw,
-            "batch": draw(0, args.batch_size), "meta_batch": draw(1, args.meta_batch_size),
-            "lr": lr}  # fmt: skip
+    steps = {
+        name: make_step(fn, model, meta_net, shp, args.compile, args.cuda_graphs)
+        for name, (fn, shp) in specs.items()
+        if name in args.variants.split(",")
+    }
+    lr = 0.1
+    return {
+        "device": device,
+        "state": state,
+        "steps": steps,
+        "draw": draw,
+        "batch": draw(0, args.batch_size),
+        "meta_batch": draw(1, args.meta_batch_size),
+        "lr": lr,
+    }
 
 
 def sync(device: torch.device) -> None:
@@ -175,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
-        },  # fmt: skip
+        },
         "ms": med,
         "ms_all": times,
         "ratio_to_erm": {k: med[k] / erm for k in env["steps"]} if erm else {},
@@ -191,9 +217,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_report(args: argparse.Namespace, report: dict) -> None:
-    mode = [m for m, on in (("fp16", args.fp16), ("bf16", args.bf16), ("compile", args.compile),
-                            ("cuda-graphs", args.cuda_graphs),
-                            ("channels-last", args.channels_last)) if on]  # fmt: skip
+    mode = [
+        m
+        for m, on in (
+            ("fp16", args.fp16),
+            ("bf16", args.bf16),
+            ("compile", args.compile),
+            ("cuda-graphs", args.cuda_graphs),
+            ("channels-last", args.channels_last),
+        )
+        if on
+    ]
     print(
         f"ResNet{args.depth} (width {args.width}), batch {args.batch_size}, meta batch "
         f"{args.meta_batch_size}, {args.shape} input, {args.device} "

@@ -25,8 +25,11 @@ class CheckpointError(ValueError):
 
 def checkpoints(folder: Path) -> list[Path]:
     """Complete checkpoint files in folder, newest first."""
-    found = [(int(m.group(1)), p) for p in folder.glob("checkpoint-*.pt")
-             if (m := PATTERN.fullmatch(p.name))]  # fmt: skip
+    found = [
+        (int(m.group(1)), p)
+        for p in folder.glob("checkpoint-*.pt")
+        if (m := PATTERN.fullmatch(p.name))
+    ]
     return [p for _, p in sorted(found, reverse=True)]
 
 
@@ -41,7 +44,7 @@ def rng_states() -> dict:
             "pos": np_state["state"]["pos"],
             "has_gauss": np_state["has_gauss"],
             "gauss": np_state["gauss"],
-        },  # fmt: skip
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -53,8 +56,14 @@ def set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     n = states["numpy"]
     key = n["key"].numpy().astype(np.uint32)
-    np.random.set_state({"bit_generator": "MT19937", "has_gauss": n["has_gauss"],
-                         "gauss": n["gauss"], "state": {"key": key, "pos": n["pos"]}})  # fmt: skip
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+            "state": {"key": key, "pos": n["pos"]},
+        }
+    )
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -106,15 +115,30 @@ def load(folder: Path, device: torch.device, fallback: bool = False) -> dict | N
 
 # what may change between a run and its resumption: length, reporting, checkpointing, where the
 # data lives, and how (not what) the iteration computes
-RUN_CONTROL = {"train_iters", "val_every", "log_every", "eval_batch_size", "checkpoint_every",
-               "resume", "resume_fallback", "data", "device", "compile", "cuda_graphs",
-               "channels_last", "deterministic"}  # fmt: skip
+RUN_CONTROL = {
+    "train_iters",
+    "val_every",
+    "log_every",
+    "eval_batch_size",
+    "checkpoint_every",
+    "resume",
+    "resume_fallback",
+    "data",
+    "device",
+    "compile",
+    "cuda_graphs",
+    "channels_last",
+    "deterministic",
+}
 
 
 def check_same_settings(saved: dict, current: dict, path: str) -> None:
     """A run resumes only under the settings it was started with (run control aside)."""
-    diff = [k for k in sorted(set(saved) | set(current))
-            if k not in RUN_CONTROL and saved.get(k) != current.get(k)]  # fmt: skip
+    diff = [
+        k
+        for k in sorted(set(saved) | set(current))
+        if k not in RUN_CONTROL and saved.get(k) != current.get(k)
+    ]
     if diff:
         k = diff[0]
         raise CheckpointError(

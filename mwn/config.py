@@ -7,24 +7,48 @@ type, so that a misspelt key or a wrong type fails at start-up.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
+import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
-
-from mwn.models import ARCHS
-from mwn.noise import KINDS as NOISE
 
 
 class ConfigError(ValueError):
     """A setting with a value outside what is allowed; the message names both."""
 
 
+class Choice(str, Enum):
+    """A setting that is one of a set of names: compares equal to its name, prints as it."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+Method = Choice("Method", [(v, v) for v in ("mwn", "erm")])
+MetaGrad = Choice("MetaGrad", [(v, v) for v in ("jvp", "double_backward")])
+Noise = Choice("Noise", [(v, v) for v in ("none", "uniform", "flip", "flip2")])
+Arch = Choice("Arch", [(v, v) for v in ("resnet", "wrn")])
+Device = Choice("Device", [(v, v) for v in ("auto", "cpu", "cuda", "mps")])
+Logger = Choice("Logger", [(v, v) for v in ("none", "tensorboard")])
+Progress = Choice("Progress", [(v, v) for v in ("auto", "bar", "log", "none")])
+DatasetName = Choice(
+    "DatasetName", [(v, v) for v in ("digits", "fashion_mnist", "cifar10", "cifar100")]
+)
+
+
 @dataclass
 class DatasetConfig:
-    name: str = MISSING  # digits | fashion_mnist | cifar10 | cifar100
+    name: DatasetName = MISSING
+    root: str = MISSING  # folder of downloaded datasets, relative to the launch directory
+    download: bool = MISSING
     mean: list[float] = MISSING  # per channel, pixel scale 0..1
     std: list[float] = MISSING
     crop_padding: int = MISSING  # random crop with this zero padding (pixels); 0 = none
@@ -33,25 +57,19 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = MISSING  # resnet (CIFAR ResNet, depth = 6n + 2) | wrn (Wide ResNet, 6n + 4)
+    arch: Arch = MISSING  # resnet (CIFAR ResNet, depth = 6n + 2) | wrn (Wide ResNet, 6n + 4)
     depth: int = MISSING
-    width: int = MISSING  # resnet: channels of the first stage (x2 per stage); wrn: widen factor
+    width: int = MISSING  # channels of the first stage (x2 per later stage)
 
 
 @dataclass
 class DeviceConfig:
-    name: str = MISSING  # auto | cpu | cuda | mps
+    name: Device = MISSING
 
 
 @dataclass
 class LoggerConfig:
-    name: str = MISSING  # none | tensorboard (metrics.jsonl is always written)
-
-
-@dataclass
-class DataConfig:
-    root: str = MISSING  # folder of downloaded datasets, relative to the launch directory
-    download: bool = MISSING
+    name: Logger = MISSING  # metrics.jsonl is always written
 
 
 @dataclass
@@ -59,14 +77,12 @@ class Config:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
-    data: DataConfig = field(default_factory=DataConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
-    method: str = MISSING
+    method: Method = MISSING
     seed: int = MISSING
     imbalance: float = MISSING
     meta_per_class: int = MISSING
-    meta_size: Optional[int] = MISSING  # noqa: UP045
-    noise: str = MISSING
+    noise: Noise = MISSING
     noise_rate: float = MISSING
     train_iters: int = MISSING
     batch_size: int = MISSING
@@ -85,7 +101,7 @@ class Config:
     rollback: bool = MISSING
     fp16: bool = MISSING
     bf16: bool = MISSING
-    meta_grad: str = MISSING
+    meta_grad: MetaGrad = MISSING
     channels_last: bool = MISSING
     compile: bool = MISSING
     cuda_graphs: bool = MISSING
@@ -93,27 +109,55 @@ class Config:
     sync_bn: bool = MISSING
     val_every: int = MISSING
     log_every: int = MISSING
-    progress: str = MISSING
+    progress: Progress = MISSING
     eval_batch_size: int = MISSING
     checkpoint_every: int = MISSING
     resume: Optional[str] = MISSING  # noqa: UP045  (OmegaConf needs typing.Optional)
     resume_fallback: bool = MISSING
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
 def register_schema() -> None:
     ConfigStore.instance().store(name="mwn_schema", node=Config)
 
 
-METHODS = ("mwn", "erm")
-META_GRADS = ("jvp", "double_backward")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-LOGGERS = ("none", "tensorboard")
-PROGRESS = ("auto", "bar", "log", "none")
+def compose_config(overrides: list[str] | None = None) -> DictConfig:
+    """The composed config of `python -m mwn.train [overrides]`, without running Hydra's app
+    (for the benchmark, tests and notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    register_schema()
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides or []))
+
+
+# keys of earlier releases: the command line names the key that replaced each
+RENAMED = {
+    "data.root": "dataset.root",
+    "data.download": "dataset.download",
+    "meta_size": "meta_per_class (the meta set is balanced: meta_size / classes per class)",
+}
+POSITIVE_INTS = (
+    "train_iters",
+    "batch_size",
+    "meta_batch_size",
+    "meta_per_class",
+    "hidden_size",
+    "num_layers",
+    "val_every",
+    "log_every",
+    "eval_batch_size",
+    "checkpoint_every",
+    "model.width",
+)
 
 
 def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     """Raise ConfigError naming the first setting whose value is not allowed (under torchrun
-    with that many processes, when given)."""
+    with that many processes, when given). Names in a set are checked by the schema's enums;
+    this checks what types cannot say."""
 
     def need(ok: bool, key: str, allowed: str) -> None:
         if not ok:  # the value as it is written on the command line
@@ -121,8 +165,6 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
             shown = str(value).lower() if isinstance(value, bool) else value
             raise ConfigError(f"{key}={shown}: allowed values are {allowed}")
 
-    need(cfg.method in METHODS, "method", " | ".join(METHODS))
-    need(cfg.meta_grad in META_GRADS, "meta_grad", " | ".join(META_GRADS))
     need(not (cfg.fp16 and cfg.bf16), "bf16", "false with fp16=true (one precision at a time)")
     for amp in ("fp16", "bf16"):
         need(
@@ -130,28 +172,15 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
             "meta_grad",
             f"jvp with {amp}=true",
         )
-    need(cfg.device.name in DEVICES, "device.name", " | ".join(DEVICES))
-    need(cfg.model.arch in ARCHS, "model.arch", " | ".join(ARCHS))
-    need(cfg.logger.name in LOGGERS, "logger.name", " | ".join(LOGGERS))
-    need(cfg.progress in PROGRESS, "progress", " | ".join(PROGRESS))
+    need(0 <= cfg.seed < 2**32, "seed", "integers in [0, 2^32)")
     need(cfg.imbalance >= 1, "imbalance", "real numbers >= 1")
-    need(cfg.noise in NOISE, "noise", " | ".join(NOISE))
     need(0 <= cfg.noise_rate <= 1, "noise_rate", "real numbers in [0, 1]")
-    need(cfg.noise != "none" or cfg.noise_rate == 0, "noise_rate",
-         "0 with noise=none (choose noise=uniform | flip | flip2)")  # fmt: skip
-    need(cfg.meta_size is None or cfg.meta_size >= 1, "meta_size", "null or integers >= 1")
-    for key in (
-        "train_iters",
-        "batch_size",
-        "meta_batch_size",
-        "meta_per_class",
-        "hidden_size",
-        "num_layers",
-        "val_every",
-        "log_every",
-        "eval_batch_size",
-        "checkpoint_every",
-    ):
+    need(
+        cfg.noise != "none" or cfg.noise_rate == 0,
+        "noise_rate",
+        "0 with noise=none (choose noise=uniform | flip | flip2)",
+    )
+    for key in POSITIVE_INTS:
         need(OmegaConf.select(cfg, key) >= 1, key, "integers >= 1")
     for key in ("lr", "meta_lr"):
         need(OmegaConf.select(cfg, key) > 0, key, "real numbers > 0")
@@ -161,6 +190,18 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     need(all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", "lists of iterations >= 1")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
+    if cfg.model.arch == "resnet":
+        need(
+            cfg.model.depth >= 8 and (cfg.model.depth - 2) % 6 == 0,
+            "model.depth",
+            "6n + 2 >= 8 for model.arch=resnet (8, 14, 20, 32, 44, 56, 110)",
+        )
+    else:
+        need(
+            cfg.model.depth >= 10 and (cfg.model.depth - 4) % 6 == 0,
+            "model.depth",
+            "6n + 4 >= 10 for model.arch=wrn (10, 16, 22, 28, 34, 40)",
+        )
     if world := torchrun_world:  # global batches split evenly; the reference is one-process
         procs = f"torchrun's {world} process{'es' if world > 1 else ''}"
         for key in ("batch_size", "meta_batch_size"):
@@ -168,6 +209,27 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
         need(cfg.meta_grad == "jvp", "meta_grad", f"jvp under {procs}")
         for key in ("compile", "cuda_graphs"):
             need(not cfg[key], key, f"false under {procs} (not supported yet)")
+
+
+def pick_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
+    """The device named (auto: CUDA, else MPS, else CPU; with CUDA the rank's own GPU), and
+    whether the options that need CUDA can run on it."""
+    name = cfg.device.name
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if _mps() else "cpu"
+    elif name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda: CUDA is not available here; allowed values: auto | cpu")
+    elif name == "mps" and not _mps():
+        raise ConfigError("device=mps: MPS is not available here; allowed values: auto | cpu")
+    device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+    for key in ("fp16", "cuda_graphs"):  # CPU autocast runs fp16 too, but far slower than fp32
+        if cfg[key] and device.type != "cuda":
+            raise ConfigError(f"{key}=true: needs a CUDA device, got {device.type}; allowed: false")
+    return device
+
+
+def _mps() -> bool:
+    return torch.backends.mps.is_available()
 
 
 GROUPS = ("dataset", "model", "device", "logger")
@@ -180,6 +242,8 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
     for arg in overrides:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
+        if key in RENAMED:
+            return f"{arg}: {key} was renamed; use {RENAMED[key]}"
         if sep and key in GROUPS:
             allowed = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
             for v in value.split(","):
@@ -206,6 +270,8 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
             compose("config", overrides=settings)
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e.__cause__ or e).strip().splitlines()[0]  # e.g. Key 'x' not in 'Config'
+        if choices := re.fullmatch(r"Invalid value '.*', expected one of \[(.*)\]", first):
+            first = f"allowed values are {choices.group(1).replace(', ', ' | ')}"
         override = next((o for o in settings if o in str(e)), None)
         return f"{override}: {first}" if override else first
     return None

@@ -19,6 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mwn import seeds
+from mwn.seeds import Stream
+
 log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
@@ -225,7 +228,7 @@ def _parse_cifar_batch(raw: bytes, path: Path, label_key: bytes, num_classes: in
 def split_meta(labels: torch.Tensor, num_classes: int, per_class: int, seed: int):
     """Take `per_class` images of each class out of the training split, chosen with the seed.
     Returns (meta indices, remaining indices), disjoint, both sorted."""
-    g = torch.Generator().manual_seed(seed)
+    g = seeds.generator(seed, "meta_split")
     meta = []
     for c in range(num_classes):
         idx = torch.nonzero(labels == c).flatten()
@@ -243,8 +246,6 @@ def split_meta(labels: torch.Tensor, num_classes: int, per_class: int, seed: int
 
 def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int]:
     """n_c = int(n_max * imbalance^(-c / (C - 1))): class 0 keeps n_max, the last n_max / IF."""
-    if imbalance < 1:
-        raise DataError(f"imbalance={imbalance}: allowed values are real numbers >= 1")
     return [int(n_max * imbalance ** (-c / (num_classes - 1))) for c in range(num_classes)]
 
 
@@ -261,7 +262,7 @@ def make_long_tail(
             f"imbalance={imbalance:g}: leaves the last class with no training image "
             f"(n_max={n_max}); allowed values are 1 <= imbalance <= {n_max}"
         )
-    g = torch.Generator().manual_seed(seed + 1)
+    g = seeds.generator(seed, "long_tail")
     kept = [p[torch.randperm(len(p), generator=g)[:n]] for p, n in zip(per_class, counts)]
     return torch.cat(kept).sort().values, counts
 
@@ -269,19 +270,11 @@ def make_long_tail(
 # ---------------------------------------------------------------- batches on the device
 
 
-def batch_generator(
-    seed: int, stream: int, iteration: int, device: torch.device
-) -> torch.Generator:
-    """An RNG for one (seed, stream, iteration): replayable without saved RNG state."""
-    key = np.random.SeedSequence([seed, stream, iteration]).generate_state(2, dtype=np.uint64)[0]
-    return torch.Generator(device=device).manual_seed(int(key) >> 1)
-
-
 class Sampler:
     """Index batches of a set of size n: a fresh seeded permutation each epoch, last partial
     batch dropped. Batch k depends only on (seed, stream, k)."""
 
-    def __init__(self, n: int, batch_size: int, seed: int, stream: int, what: str) -> None:
+    def __init__(self, n: int, batch_size: int, seed: int, stream: Stream, what: str) -> None:
         if batch_size > n:
             raise DataError(f"{what}={batch_size}: only {n} images to draw from; allowed 1..{n}")
         self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
@@ -291,7 +284,7 @@ class Sampler:
     def indices(self, k: int) -> torch.Tensor:
         epoch, pos = divmod(k, self.per_epoch)
         if epoch != self._epoch:
-            g = batch_generator(self.seed, self.stream, epoch, torch.device("cpu"))
+            g = seeds.step_generator(self.seed, self.stream, epoch)
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm[pos * self.batch_size : (pos + 1) * self.batch_size]
 

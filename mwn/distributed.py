@@ -5,7 +5,7 @@ shard. Inside one iteration the only cross-rank operation is a sum, injected int
 functions as `reduce` (`Reduce.sum`): `LOCAL` in one process (the identity), `AllReduce` under
 torchrun. Batch sizes in the config are global, so the arithmetic of a step does not depend on
 the number of processes except through BatchNorm's batch statistics, which `sync_bn=true` makes
-global too (`sync_batch_norm`: a differentiable sum inside BatchNorm, in reverse and forward mode).
+global too (`mwn.batchnorm.synchronised`: a differentiable sum inside BatchNorm).
 """
 
 from __future__ import annotations
@@ -18,9 +18,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
-
-from mwn.models import BatchNorm2d
 
 Tensors = dict[str, torch.Tensor]
 
@@ -104,14 +101,6 @@ def sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
     return _SumOverRanks.apply(x)
 
 
-def sync_batch_norm(model: nn.Module) -> nn.Module:
-    """Make every BatchNorm of `model` normalise with the statistics of the global batch."""
-    for m in model.modules():
-        if isinstance(m, BatchNorm2d):
-            m.sum_over_ranks = sum_over_ranks
-    return model
-
-
 @dataclass(frozen=True)
 class Ranks:
     """Where this process stands: rank, world size, the rank on its node, and whether torchrun
@@ -155,8 +144,12 @@ ONE = Ranks()  # a plain one-process run
 def ranks_from_env() -> Ranks:
     """torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; a plain `python -m` sets none."""
     env = os.environ
-    return Ranks(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)),
-                 int(env.get("LOCAL_RANK", 0)), "WORLD_SIZE" in env)  # fmt: skip
+    return Ranks(
+        int(env.get("RANK", 0)),
+        int(env.get("WORLD_SIZE", 1)),
+        int(env.get("LOCAL_RANK", 0)),
+        "WORLD_SIZE" in env,
+    )
 
 
 @contextlib.contextmanager

@@ -36,7 +36,8 @@ def evaluate(
     finally:
         model.train()
     per_class = (100.0 * correct / total.clamp(min=1)).tolist()
-    return {"acc": 100.0 * correct.sum().item() / total.sum().item(), "per_class_acc": per_class}
+    acc = 100.0 * correct.sum().item() / total.sum().item()
+    return {"test_acc": acc, "per_class_acc": per_class}
 
 
 SHOT_GROUPS = ("many", "medium", "few")
@@ -82,8 +83,10 @@ def weighting(
     curve = sample_weights(meta_net, state["meta_params"], grid, normalize=False)
     losses, weights = _losses_and_weights(model, meta_net, state, x, y, amp)
     r = lambda t: [round(v, 6) for v in t.float().tolist()]
-    return {"weight_fn": r(curve), "batch": {"label": y.tolist(), "loss": r(losses),
-                                             "weight": r(weights)}}  # fmt: skip
+    return {
+        "weight_fn": r(curve),
+        "batch": {"label": y.tolist(), "loss": r(losses), "weight": r(weights)},
+    }
 
 
 @torch.no_grad()
@@ -99,10 +102,15 @@ def noise_separation(
     """How the meta-net weighs clean and corrupted samples of `data` (a fixed subset of the
     training set, no augmentation; losses in training mode, in batches, buffers untouched):
     mean weight of each, and the AUC of the weight as a detector of clean samples."""
-    weights = [_losses_and_weights(model, meta_net, state, x, y, amp)[1]
-               for x, y in data.in_order(batch_size)]  # fmt: skip
+    weights = [
+        _losses_and_weights(model, meta_net, state, x, y, amp)[1]
+        for x, y in data.in_order(batch_size)
+    ]
     w = torch.cat(weights).float().cpu()
     noisy = noisy.cpu()
     mean = lambda t: t.mean().item() if t.numel() else None
-    return {"weight_clean": mean(w[~noisy]), "weight_noisy": mean(w[noisy]),
-            "noise_auc": auc(w, ~noisy)}  # fmt: skip
+    return {
+        "weight_clean": mean(w[~noisy]),
+        "weight_noisy": mean(w[noisy]),
+        "noise_auc": auc(w, ~noisy),
+    }

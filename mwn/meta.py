@@ -5,23 +5,32 @@ State is a plain dict:
     momentum           SGD momentum buffers, same keys as params
     meta_params        meta-net parameters                           {name: tensor}
     meta_opt           Adam state of the meta-net (step, exp_avg, exp_avg_sq)
+    scaler             fp16 only: the dynamic loss scale (mwn.fp16)
 Nothing here reads a clock, a file or a global RNG, so one iteration can later be vmapped.
-Under torchrun each rank passes its shard of the global batch and a `reduce` that sums over the
-ranks (mwn.distributed); in one process `reduce` is the identity.
+
+The meta-gradient methods (d meta loss / d Theta through the lookahead) live in one registry,
+META_GRADS: `jvp` (the identity, exact and cheap) and `double_backward` (autodiff through the
+unrolled step, the reference). A method is written for fp32 in one process; the two things that
+change the arithmetic around it, the fp16 loss scale and the sums over torchrun's ranks, enter
+through one object, `Sums`, that it takes every gradient through.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, jvp, vjp
 
+from mwn.batchnorm import jvp_rule
 from mwn.distributed import LOCAL, Reduce
-from mwn.models import jvp_rule
+from mwn.fp16 import skip_if_overflow
 from mwn.optim import adam_step, sgd_lookahead_scale, sgd_step
 
 # torch.func's JVP of batch norm scripts a decomposition once; torch warns about its own use
@@ -35,18 +44,25 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # images (B, C, H, W) float, labels (
 
 @dataclass(frozen=True)
 class StepHP:
-    """The hyperparameters of one iteration that stay fixed during a run."""
+    """The hyperparameters of one iteration that stay fixed during a run. No defaults here: the
+    composed config (conf/config.yaml) is their one source, through `from_config`."""
 
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    nesterov: bool = False
-    meta_lr: float = 1e-5
-    meta_weight_decay: float = 0.0
-    normalize_weights: bool = False  # weights * n / sum(weights), as the paper-era MWN scripts
-    rollback: bool = True  # redo the classifier step with the updated meta-net (Algorithm 1)
-    fp16: bool = False  # float16 autocast for the classifier, dynamic loss scaling
-    bf16: bool = False  # bfloat16 autocast for the classifier (fp32's range: no loss scaling)
-    meta_grad: str = "jvp"  # jvp (one JVP) | double_backward (the original code's reference)
+    momentum: float
+    weight_decay: float
+    nesterov: bool
+    meta_lr: float
+    meta_weight_decay: float
+    normalize_weights: bool  # weights * n / sum(weights), as the paper-era MWN scripts
+    rollback: bool  # redo the classifier step with the updated meta-net (Algorithm 1)
+    fp16: bool  # float16 autocast for the classifier, dynamic loss scaling
+    bf16: bool  # bfloat16 autocast for the classifier (fp32's range: no loss scaling)
+    meta_grad: str  # a key of META_GRADS
+
+    @classmethod
+    def from_config(cls, cfg) -> StepHP:
+        """The fields of the same names in a composed config (names of a set as plain str)."""
+        value = lambda v: v.value if isinstance(v, Enum) else v
+        return cls(**{f.name: value(cfg[f.name]) for f in fields(cls)})
 
     @property
     def amp(self) -> torch.dtype | None:
@@ -58,6 +74,9 @@ class StepHP:
         return sgd_step(
             params, grads, momentum, lr, self.momentum, self.weight_decay, self.nesterov
         )
+
+
+# ---------------------------------------------------------------- losses and weights
 
 
 def per_sample_loss(
@@ -101,8 +120,7 @@ def sample_weights(
     return w * (w.numel() * reduce.world / reduce.sum_over_ranks(w.sum()))
 
 
-def _summed(reduce: Reduce, tensors: Tensors) -> Tensors:
-    return dict(zip(tensors, reduce.sum(list(tensors.values()))))
+# ---------------------------------------------------------------- fp16 scale and rank sums
 
 
 def _scaled(tensors: Tensors, factor: float | torch.Tensor) -> Tensors:
@@ -111,74 +129,140 @@ def _scaled(tensors: Tensors, factor: float | torch.Tensor) -> Tensors:
     return {k: v * factor for k, v in tensors.items()}
 
 
-def exact_meta_grad(
-    model: nn.Module,
-    meta_net: nn.Module,
-    state: dict,
-    batch: Batch,
-    meta_batch: Batch,
-    lr: float,
-    hp: StepHP,
-    scale: float = 1.0,
-    reduce: Reduce = LOCAL,
-) -> dict:
-    """The lookahead, the meta loss at it, and d(meta loss)/d(Theta) through it, exactly.
+@dataclass(frozen=True)
+class Sums:
+    """Every gradient of an iteration goes through here: losses are multiplied by the fp16 loss
+    scale and gradients divided by it; sums over the global batch add up the ranks' shards.
+    fp32 in one process (scale 1, LOCAL): each method returns its input unchanged."""
 
-    The identity: the lookahead is w' = w - a * (grad_w (1/n) sum_i v_i L_i(w) + terms free of v),
-    with a = lr (lr * (1 + momentum) for Nesterov; weight decay and the momentum buffer do not
-    depend on v). So d L_meta(w') / d v_i = -(a/n) * g . grad_w L_i(w) with g = grad L_meta(w'),
-    and all n dot products are ONE forward-mode JVP of the loss vector L(w) along g: no double
-    backward. The chain rule through v(Theta) (meta-net, normalisation) is one small VJP.
-    `scale` is the fp16 loss scale: gradients are taken of scaled losses, then unscaled.
-    With several ranks, batch and meta_batch are this rank's shards; every sum over the global
-    batch goes through `reduce`, so the result is the one-process result (see mwn.distributed).
-    Returns the pieces the caller needs, so no forward is done twice.
-    """
-    params, buffers = state["params"], state["buffers"]
-    (x, y), (xm, ym) = batch, meta_batch
-    n = y.shape[0] * reduce.world  # the global batch size
+    scale: float | torch.Tensor = 1.0
+    reduce: Reduce = LOCAL
 
-    # train losses at w; `pullback(u)` = sum_i u_i grad L_i(w), callable more than once
+    def total(self, tensors: Tensors) -> Tensors:
+        """Summed over the ranks."""
+        return dict(zip(tensors, self.reduce.sum(list(tensors.values()))))
+
+    def pull(self, pullback: Callable, weights: torch.Tensor, n: int) -> Tensors:
+        """grad_w (1/n) sum_i weights_i L_i(w) over the global batch, from a VJP of the losses."""
+        (g,) = pullback(weights * (self.scale / n))
+        return _scaled(self.total(g), 1 / self.scale)
+
+    def grad_of_mean(self, f: Callable, params: Tensors, has_aux: bool = False):
+        """(gradient, value[, aux]) of the global mean loss whose shard f(params) is this rank's
+        mean (or (mean, aux))."""
+        share = self.scale / self.reduce.world
+
+        def scaled(p):
+            out = f(p)
+            return (out[0] * share, out[1]) if has_aux else out * share
+
+        g, value = grad_and_value(scaled, has_aux=has_aux)(params)
+        loss = value[0] if has_aux else value
+        *g_sum, loss = self.reduce.sum([*g.values(), loss])
+        g = _scaled(dict(zip(g, g_sum)), 1 / self.scale)
+        return (g, loss / self.scale, value[1]) if has_aux else (g, loss / self.scale)
+
+    def tangent(self, g: Tensors) -> tuple[Tensors, float | torch.Tensor]:
+        """A JVP tangent and the factor it was multiplied by: with fp16, g scaled to max |g| = 1
+        to stay in range (the JVP is linear, so the caller divides the factor out again)."""
+        if isinstance(self.scale, float):
+            return g, 1.0
+        t = 1 / torch.stack([v.abs().max() for v in g.values()]).max().clamp(min=1e-30)
+        return {k: v * t for k, v in g.items()}, t
+
+
+# ---------------------------------------------------------------- meta-gradient methods
+
+
+class TrainPass(NamedTuple):
+    """The forward of the training batch at w, shared by the meta-gradient and the step."""
+
+    losses: torch.Tensor  # L_i(w), (B,)
+    pullback: Callable  # u -> (sum_i u_i grad_w L_i(w),); callable more than once
+    new_buffers: Tensors  # BatchNorm statistics after this batch
+    weights: torch.Tensor  # V(L_i; Theta), normalised when asked
+    weights_pullback: Callable  # u -> (sum_i u_i d weights_i / d Theta,)
+
+
+class MetaGrad(NamedTuple):
+    """What a meta-gradient method returns."""
+
+    meta_grad: Tensors  # d meta loss / d Theta through the lookahead
+    meta_loss: torch.Tensor  # mean cross-entropy of the meta batch at the lookahead
+    ahead: tuple[Tensors, Tensors]  # lookahead parameters and momentum (the step without roll back)
+
+
+def train_pass(model, meta_net, state: dict, batch: Batch, hp: StepHP, reduce: Reduce):
+    """Losses at w with their VJP, and the meta-net's weights with theirs."""
+    x, y = batch
     losses, pullback, new_buffers = vjp(
-        lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp), params, has_aux=True
+        lambda p: per_sample_loss(model, p, state["buffers"], x, y, hp.amp),
+        state["params"],
+        has_aux=True,
     )
     weights, weights_pullback = vjp(
         lambda th: sample_weights(meta_net, th, losses, hp.normalize_weights, reduce),
         state["meta_params"],
     )
-    pieces = {"losses": losses, "pullback": pullback, "new_buffers": new_buffers,
-              "weights": weights}  # fmt: skip
-    if hp.meta_grad == "double_backward":  # the reference: autodiff through the unrolled step
-        return {**pieces, **meta_grad_double_backward(model, meta_net, state, batch, meta_batch,
-                                                      lr, hp)}  # fmt: skip
+    return TrainPass(losses, pullback, new_buffers, weights, weights_pullback)
+
+
+def jvp_meta_grad(
+    model, meta_net, state, batch, meta_batch, lr, hp: StepHP, train: TrainPass, sums: Sums
+) -> MetaGrad:
+    """The identity: w' = w - a * grad_w (1/n) sum_i v_i L_i(w) + (terms free of v), with a = lr
+    (lr * (1 + momentum) for Nesterov), so d L_meta(w') / d v_i = -(a/n) g . grad_w L_i(w) with
+    g = grad L_meta(w'). The n dot products are ONE forward-mode JVP of the loss vector along g:
+    no double backward. The chain rule through v(Theta) is the weights' small VJP."""
+    params, buffers = state["params"], state["buffers"]
+    (x, y), (xm, ym) = batch, meta_batch
+    n = y.shape[0] * sums.reduce.world  # the global batch size
     # lookahead w'(Theta): the real optimiser's step on the weighted loss
-    (g_train,) = pullback(weights * (scale / n))
-    g_train = _summed(reduce, g_train)
-    ahead, ahead_momentum = hp.sgd(params, _scaled(g_train, 1 / scale), state["momentum"], lr)
-    # meta loss at w' (BatchNorm in training mode; real running stats untouched)
-    g_meta, meta_loss = grad_and_value(  # this rank's share of the global mean
-        lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp) * (scale / reduce.world)
-    )(ahead)
-    *g_sum, meta_loss = reduce.sum([*g_meta.values(), meta_loss])
-    g_meta = _scaled(dict(zip(g_meta, g_sum)), 1 / scale)
-    # exact meta-gradient: (J g)_i = g . grad L_i(w) in one JVP, then the VJP through v(Theta)
-    tangent, t = g_meta, 1.0
-    if hp.fp16:  # keep the fp16 tangents in range: the JVP is linear, so run it at max |g| = 1
-        t = 1 / torch.stack([v.abs().max() for v in g_meta.values()]).max().clamp(min=1e-30)
-        tangent = {k: v * t for k, v in g_meta.items()}
-    with jvp_rule():  # BatchNorm's cheaper forward-mode rule (mwn.models)
+    g_train = sums.pull(train.pullback, train.weights, n)
+    ahead = hp.sgd(params, g_train, state["momentum"], lr)
+    # g = grad of the meta loss at w' (BatchNorm in training mode; real running stats untouched)
+    g_meta, meta_loss = sums.grad_of_mean(
+        lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead[0]
+    )
+    # (J g)_i = g . grad L_i(w) for all i in one JVP, then the VJP through v(Theta)
+    tangent, t = sums.tangent(g_meta)
+    with jvp_rule():  # BatchNorm's cheaper forward-mode rule (mwn.batchnorm)
         _, jg = jvp(
             lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp)[0], (params,), (tangent,)
         )
     a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
-    (meta_grad,) = weights_pullback(jg * (-a / n) / t)
-    meta_grad = _summed(reduce, meta_grad)
-    return {
-        **pieces,
-        "ahead": (ahead, ahead_momentum),
-        "meta_loss": meta_loss / scale,
-        "meta_grad": meta_grad,
-    }
+    (meta_grad,) = train.weights_pullback(jg * (-a / n) / t)
+    return MetaGrad(sums.total(meta_grad), meta_loss, ahead)
+
+
+def double_backward_meta_grad(
+    model, meta_net, state, batch, meta_batch, lr, hp: StepHP, train: TrainPass, sums: Sums
+) -> MetaGrad:
+    """Reference: plain autograd through the unrolled lookahead (create_graph=True), as the
+    original MWN code does: its own forward, a differentiable backward, a backward through both.
+    fp32 in one process only (the config refuses it with fp16, bf16 or torchrun)."""
+    (x, y), (xm, ym) = batch, meta_batch
+    params = {k: v.detach().requires_grad_() for k, v in state["params"].items()}
+    theta = {k: v.detach().requires_grad_() for k, v in state["meta_params"].items()}
+    losses, _ = per_sample_loss(model, params, state["buffers"], x, y)
+    weights = sample_weights(meta_net, theta, losses, hp.normalize_weights)
+    grads = torch.autograd.grad((weights * losses).mean(), list(params.values()), create_graph=True)
+    ahead, momentum = hp.sgd(params, dict(zip(params, grads)), state["momentum"], lr)
+    meta_loss = mean_loss(model, ahead, state["buffers"], xm, ym)
+    g = torch.autograd.grad(meta_loss, list(theta.values()))
+    detached = lambda d: {k: v.detach() for k, v in d.items()}
+    return MetaGrad(dict(zip(theta, g)), meta_loss.detach(), (detached(ahead), detached(momentum)))
+
+
+# name (the meta_grad setting) -> method(model, meta_net, state, batch, meta_batch, lr, hp,
+# train, sums); a new method is one function of that signature and one line here
+META_GRADS: dict[str, Callable[..., MetaGrad]] = {
+    "jvp": jvp_meta_grad,
+    "double_backward": double_backward_meta_grad,
+}
+
+
+# ---------------------------------------------------------------- one iteration
 
 
 def mwn_step(
@@ -194,52 +278,50 @@ def mwn_step(
     """One Meta-Weight-Net iteration (Algorithm 1). Returns (new state, metrics as tensors).
     Under torchrun: this rank's shards of the batches, and `reduce` summing over the ranks."""
     n = batch[1].shape[0] * reduce.world  # the global batch size
-    scale = state["scaler"]["scale"] if hp.fp16 else 1.0
-    # 1-4. weights, lookahead, meta loss and its exact gradient in Theta
-    out = exact_meta_grad(model, meta_net, state, batch, meta_batch, lr, hp, scale, reduce)
+    sums = Sums(state["scaler"]["scale"] if hp.fp16 else 1.0, reduce)
+    # 1. losses at w and the meta-net's weights for them
+    train = train_pass(model, meta_net, state, batch, hp, reduce)
+    # 2-4. lookahead w'(Theta), meta loss at w', and its exact gradient in Theta
+    method = META_GRADS[hp.meta_grad]
+    out = method(model, meta_net, state, batch, meta_batch, lr, hp, train, sums)
     # 5. meta-net update: Adam on Theta
     meta_params, meta_opt = adam_step(
         state["meta_params"],
-        out["meta_grad"],
+        out.meta_grad,
         state["meta_opt"],
         hp.meta_lr,
         weight_decay=hp.meta_weight_decay,
     )
     # 6. classifier update: with the updated meta-net (roll back), or keep the lookahead
     if hp.rollback:
-        weights = sample_weights(meta_net, meta_params, out["losses"], hp.normalize_weights,
-                                 reduce)  # fmt: skip
-        (g_train,) = out["pullback"](weights * (scale / n))
-        g_train = _summed(reduce, g_train)
+        weights = sample_weights(meta_net, meta_params, train.losses, hp.normalize_weights, reduce)
         params, momentum = hp.sgd(
-            state["params"], _scaled(g_train, 1 / scale), state["momentum"], lr
+            state["params"], sums.pull(train.pullback, weights, n), state["momentum"], lr
         )
     else:
-        weights = out["weights"]
-        params, momentum = out["ahead"]
+        weights = train.weights
+        params, momentum = out.ahead
     new_state = {
         **state,
         "params": params,
-        "buffers": reduce.buffers(out["new_buffers"]),  # moved once, by the train batch
+        "buffers": reduce.buffers(train.new_buffers),  # moved once, by the train batch
         "momentum": momentum,
         "meta_params": meta_params,
         "meta_opt": meta_opt,
     }
-    losses = out["losses"]
+    if hp.fp16:  # overflow anywhere shows in the meta-gradient or the new parameters
+        new_state = skip_if_overflow(state, new_state, out.meta_grad, params)
+    losses = train.losses
     means = [losses.mean(), (weights * losses).mean(), weights.mean()]
     means = reduce.sum([torch.stack(means) / reduce.world])[0]  # over the global batch
-    metrics = {
+    grad_norm = torch.stack([g.square().sum() for g in out.meta_grad.values()]).sum().sqrt()
+    return new_state, {
         "loss": means[0],
         "weighted_loss": means[1],
-        "meta_loss": out["meta_loss"],
+        "meta_loss": out.meta_loss,
         "mean_weight": means[2],
-        "meta_grad_norm": torch.stack([g.square().sum() for g in out["meta_grad"].values()])
-        .sum()
-        .sqrt(),
+        "meta_grad_norm": grad_norm,
     }
-    if hp.fp16:  # overflow anywhere shows in the meta-gradient or the new parameters
-        new_state = _skip_if_overflow(state, new_state, out["meta_grad"], params)
-    return new_state, metrics
 
 
 def erm_step(
@@ -254,79 +336,24 @@ def erm_step(
 ) -> tuple[dict, dict]:
     """Plain training with uniform weights: the baseline, same signature as `mwn_step`."""
     x, y = batch
-    scale = state["scaler"]["scale"] if hp.fp16 else 1.0
+    sums = Sums(state["scaler"]["scale"] if hp.fp16 else 1.0, reduce)
 
-    def scaled_loss(p):  # this rank's share of the global mean
+    def mean_and_buffers(p):
         losses, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp)
-        return losses.mean() * (scale / reduce.world), new_buffers
+        return losses.mean(), new_buffers
 
-    g, (loss, new_buffers) = grad_and_value(scaled_loss, has_aux=True)(state["params"])
-    *g_sum, loss = reduce.sum([*g.values(), loss])
-    g = dict(zip(g, g_sum))
-    params, momentum = hp.sgd(state["params"], _scaled(g, 1 / scale), state["momentum"], lr)
-    new_state = {**state, "params": params, "buffers": reduce.buffers(new_buffers),
-                 "momentum": momentum}  # fmt: skip
+    g, loss, new_buffers = sums.grad_of_mean(mean_and_buffers, state["params"], has_aux=True)
+    params, momentum = hp.sgd(state["params"], g, state["momentum"], lr)
+    new_state = {
+        **state,
+        "params": params,
+        "buffers": reduce.buffers(new_buffers),
+        "momentum": momentum,
+    }
     if hp.fp16:
-        new_state = _skip_if_overflow(state, new_state, params)
-    return new_state, {"loss": loss / scale, "weighted_loss": loss / scale}
+        new_state = skip_if_overflow(state, new_state, params)
+    return new_state, {"loss": loss, "weighted_loss": loss}
 
 
-# ---------------------------------------------------------------- fp16 loss scaling
-
-GROWTH_INTERVAL = 2000  # as torch.amp.GradScaler: double the scale after this many good steps
-
-
-def scaler_init(scale: float = 2.0**16, device: torch.device | str = "cpu") -> dict:
-    """Dynamic loss-scale state, as tensors (no host sync, capturable in a CUDA graph)."""
-    t = lambda v: torch.tensor(v, dtype=torch.float32, device=device)
-    return {"scale": t(scale), "good_steps": t(0.0), "skipped": t(0.0)}
-
-
-def _skip_if_overflow(old: dict, new: dict, *checked: Tensors) -> dict:
-    """GradScaler's rule, branch-free: a step whose gradients overflowed keeps the old
-    parameters and optimiser states (BatchNorm statistics still move, as in PyTorch) and halves
-    the scale; after GROWTH_INTERVAL good steps in a row the scale doubles."""
-    finite = torch.stack([torch.isfinite(t).all() for d in checked for t in d.values()]).all()
-    keep = lambda a, b: torch.where(finite, a, b)
-    pick = lambda a, b: {k: pick(a[k], b[k]) if isinstance(a[k], dict) else keep(a[k], b[k])
-                         for k in a}  # fmt: skip
-    s = old["scaler"]
-    good = torch.where(finite, s["good_steps"] + 1, 0.0)
-    grow = good >= GROWTH_INTERVAL
-    scaler = {
-        "scale": s["scale"] * torch.where(finite, torch.where(grow, 2.0, 1.0), 0.5),
-        "good_steps": torch.where(grow, 0.0, good),
-        "skipped": s["skipped"] + (~finite).float(),
-    }
-    fixed = {"buffers": new["buffers"], "scaler": scaler}
-    return {k: fixed[k] if k in fixed else pick(new[k], old[k]) for k in old}  # same key order
-
-
-def meta_grad_double_backward(
-    model: nn.Module,
-    meta_net: nn.Module,
-    state: dict,
-    batch: Batch,
-    meta_batch: Batch,
-    lr: float,
-    hp: StepHP,
-) -> dict:
-    """Reference: d(meta loss)/d(Theta) by plain autograd through the unrolled lookahead
-    (create_graph=True), as the original MWN code does: its own forward, a differentiable
-    backward, and a backward through both. Returns meta_grad, meta_loss and the lookahead."""
-    (x, y), (xm, ym) = batch, meta_batch
-    params = {k: v.detach().requires_grad_() for k, v in state["params"].items()}
-    theta = {k: v.detach().requires_grad_() for k, v in state["meta_params"].items()}
-    losses, _ = per_sample_loss(model, params, state["buffers"], x, y)
-    weights = sample_weights(meta_net, theta, losses, hp.normalize_weights)
-    inner = (weights * losses).mean()
-    grads = torch.autograd.grad(inner, list(params.values()), create_graph=True)
-    ahead, momentum = hp.sgd(params, dict(zip(params, grads)), state["momentum"], lr)
-    meta_loss = mean_loss(model, ahead, state["buffers"], xm, ym)
-    g = torch.autograd.grad(meta_loss, list(theta.values()))
-    detached = lambda d: {k: v.detach() for k, v in d.items()}
-    return {
-        "meta_grad": dict(zip(theta, g)),
-        "meta_loss": meta_loss.detach(),
-        "ahead": (detached(ahead), detached(momentum)),
-    }
+# method (the `method` setting) -> step function with mwn_step's signature
+STEPS: dict[str, Callable[..., tuple[dict, dict]]] = {"mwn": mwn_step, "erm": erm_step}

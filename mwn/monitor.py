@@ -32,8 +32,14 @@ class Progress:
         if mode == "bar":
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=start, unit="it", dynamic_ncols=True,
-                            desc="train", file=sys.stderr)  # fmt: skip
+            self.bar = tqdm(
+                total=total,
+                initial=start,
+                unit="it",
+                dynamic_ncols=True,
+                desc="train",
+                file=sys.stderr,
+            )
 
     def update(self, done: int, record: dict | None) -> None:
         """After iteration `done`; record is the metrics.jsonl line written now, if any."""
@@ -50,8 +56,14 @@ class Progress:
         self.t_last = now
         rate = (done - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - done) / rate if rate > 0 else float("inf")
-        log.info("iter %d/%d  %s  %.2f it/s  ETA %s", done, self.total, _fields(record), rate,
-                 _duration(eta))  # fmt: skip
+        log.info(
+            "iter %d/%d  %s  %.2f it/s  ETA %s",
+            done,
+            self.total,
+            _fields(record),
+            rate,
+            _duration(eta),
+        )
 
     def write(self, message: str) -> None:
         """A log line that does not break the bar."""

@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import torch
 
+from mwn import seeds
 from mwn.data import DataError
-
-KINDS = ("none", "uniform", "flip", "flip2")
 
 
 def transition_matrix(kind: str, rate: float, num_classes: int, seed: int) -> torch.Tensor:
     """T (float64, rows sum to 1) for a noise kind and rate."""
     C = num_classes
-    if kind not in KINDS:
-        raise DataError(f"noise={kind}: allowed values are {' | '.join(KINDS)}")
-    if not 0.0 <= rate <= 1.0:
-        raise DataError(f"noise_rate={rate}: allowed values are real numbers in [0, 1]")
     if kind == "none":
         return torch.eye(C, dtype=torch.float64)
     if kind == "uniform":
@@ -33,7 +28,7 @@ def transition_matrix(kind: str, rate: float, num_classes: int, seed: int) -> to
     others = 1 if kind == "flip" else 2
     if others >= C:
         raise DataError(f"noise={kind}: needs more than {others} classes, the dataset has {C}")
-    g = torch.Generator().manual_seed(seed + 2)
+    g = seeds.generator(seed, "noise_classes")
     T = (1 - rate) * torch.eye(C, dtype=torch.float64)
     for c in range(C):
         candidates = torch.tensor([k for k in range(C) if k != c])
@@ -47,7 +42,7 @@ def corrupt_labels(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Redraw each label from its row of T. Returns (observed labels, corrupted mask), where
     corrupted means the observed label differs from the true one."""
-    g = torch.Generator().manual_seed(seed + 3)
+    g = seeds.generator(seed, "noise_labels")
     observed = torch.multinomial(T[labels], 1, generator=g).flatten()
     return observed, observed != labels
 
@@ -74,9 +69,13 @@ def auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
 
 
 def apply_noise(
-    labels: torch.Tensor, split_index: torch.Tensor, num_classes: int, kind: str, rate: float,
+    labels: torch.Tensor,
+    split_index: torch.Tensor,
+    num_classes: int,
+    kind: str,
+    rate: float,
     seed: int,
-) -> tuple[torch.Tensor, torch.Tensor, dict]:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """Corrupt the training labels `labels` (their positions in the dataset's training split are
     `split_index`). Returns (observed labels, corrupted mask, the record kept in the run folder:
     kind, rate, T, the realised count matrix, and every corrupted sample as

@@ -75,8 +75,15 @@ def _weight_fn(path: Path, evals: list[dict], losses: list[float], title: str) -
         color = cmap(i / max(len(shown) - 1, 1))
         ax.plot(losses, r["weight_fn"], color=color, label=f"iter {r['iter']}")
     batch = evals[-1]["batch"]
-    ax.scatter(batch["loss"], batch["weight"], s=6, color="tab:red", alpha=0.5, zorder=3,
-               label=f"latest batch (iter {evals[-1]['iter']})")  # fmt: skip
+    ax.scatter(
+        batch["loss"],
+        batch["weight"],
+        s=6,
+        color="tab:red",
+        alpha=0.5,
+        zorder=3,
+        label=f"latest batch (iter {evals[-1]['iter']})",
+    )
     ax.set(xlabel="training loss", ylabel="weight V(loss)", title=f"{title}: learned weighting")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
@@ -103,8 +110,12 @@ def _per_class(path: Path, last: dict, counts: list[int] | None, title: str) -> 
     fig = Figure(figsize=(max(5, 0.12 * len(acc) + 2), 3.6))
     ax = fig.add_subplot()
     ax.bar(range(len(acc)), acc, color="tab:blue")
-    ax.set(xlabel="class", ylabel="test accuracy (%)", ylim=(0, 100),
-           title=f"{title}: per class at iteration {last['iter']}")  # fmt: skip
+    ax.set(
+        xlabel="class",
+        ylabel="test accuracy (%)",
+        ylim=(0, 100),
+        title=f"{title}: per class at iteration {last['iter']}",
+    )
     if counts:
         ax2 = ax.twinx()
         ax2.plot(range(len(counts)), counts, "o-", color="tab:orange", markersize=3)
@@ -118,14 +129,22 @@ def _weights_hist(path: Path, last: dict, counts: list[int] | None, title: str) 
     splits = []
     if counts:
         groups = [shot_group(counts[y]) for y in batch["label"]]
-        splits.append({SHOT_LABELS[g]: [w for w, h in zip(batch["weight"], groups) if h == g]
-                       for g in SHOT_GROUPS})  # fmt: skip
+        splits.append(
+            {
+                SHOT_LABELS[g]: [w for w, h in zip(batch["weight"], groups) if h == g]
+                for g in SHOT_GROUPS
+            }
+        )
     else:
         splits.append({"all samples": batch["weight"]})
     if "noisy" in batch:
         pairs = list(zip(batch["weight"], batch["noisy"]))
-        splits.append({"clean label": [w for w, n in pairs if not n],
-                       "corrupted label": [w for w, n in pairs if n]})  # fmt: skip
+        splits.append(
+            {
+                "clean label": [w for w, n in pairs if not n],
+                "corrupted label": [w for w, n in pairs if n],
+            }
+        )
     bins = np.histogram_bin_edges(batch["weight"], bins=20)  # shared, so heights compare
     fig = Figure(figsize=(5 * len(splits), 3.6))
     for i, split in enumerate(splits):
@@ -133,8 +152,11 @@ def _weights_hist(path: Path, last: dict, counts: list[int] | None, title: str) 
         for label, ws in split.items():
             if ws:
                 ax.hist(ws, bins=bins, alpha=0.6, label=f"{label}: {len(ws)}")
-        ax.set(xlabel="weight V(loss)", ylabel="samples",
-               title=f"{title}: batch weights, iteration {last['iter']}")  # fmt: skip
+        ax.set(
+            xlabel="weight V(loss)",
+            ylabel="samples",
+            title=f"{title}: batch weights, iteration {last['iter']}",
+        )
         ax.legend(fontsize="small")
     return _save(fig, path)
 
@@ -145,8 +167,7 @@ def _noise_weights(path: Path, evals: list[dict], title: str) -> Path:
     iters = [r["iter"] for r in evals]
     ax.plot(iters, [r["weight_clean"] for r in evals], label="clean labels", color="tab:green")
     ax.plot(iters, [r["weight_noisy"] for r in evals], label="corrupted labels", color="tab:red")
-    ax.set(xlabel="iteration", ylabel="mean weight V(loss)",
-           title=f"{title}: clean vs corrupted")  # fmt: skip
+    ax.set(xlabel="iteration", ylabel="mean weight V(loss)", title=f"{title}: clean vs corrupted")
     ax2 = ax.twinx()
     ax2.plot(iters, [r["noise_auc"] for r in evals], "--", color="black", label="AUC")
     ax2.set(ylabel="AUC (weight detects clean)", ylim=(0, 1))

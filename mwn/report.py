@@ -22,9 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 ACCURACIES = ("final_acc", "best_acc", "final_many_acc", "final_medium_acc", "final_few_acc")
-HEADS = {"final_acc": "final", "best_acc": "best", "final_many_acc": "many",
-         "final_medium_acc": "medium", "final_few_acc": "few",
-         "final_noise_auc": "noise AUC"}  # fmt: skip
+HEADS = {
+    "final_acc": "final",
+    "best_acc": "best",
+    "final_many_acc": "many",
+    "final_medium_acc": "medium",
+    "final_few_acc": "few",
+    "final_noise_auc": "noise AUC",
+}
 OPTIONAL = ("final_noise_auc",)  # shown when some job has it (label-noise runs of MWN)
 
 
@@ -52,8 +57,9 @@ def read_job(folder: Path) -> dict:
 def job_folders(sweep: Path) -> list[Path]:
     """The job folders of a sweep folder, in job order."""
     jobs = [p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml")]
-    return sorted(jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0,
-                                       p.name))  # fmt: skip
+    return sorted(
+        jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
+    )
 
 
 def is_sweep(path: Path) -> bool:
@@ -112,15 +118,21 @@ def _cell(text: str) -> str:
 
 def markdown(sweep: Path, rows: list[dict], common: dict, varying: list[str]) -> str:
     done = sum(r["status"] == "done" for r in rows)
-    lines = [f"# Sweep {sweep}", "",
-             f"{len(rows)} jobs: {done} done, {sum(r['status'] == 'failed' for r in rows)} failed, "
-             f"{sum(r['status'] == 'unfinished' for r in rows)} unfinished. Test accuracy (%), "
-             "sorted by final accuracy; many/medium/few: final accuracy of the classes with "
-             "> 100, 20-100, < 20 training images.", ""]  # fmt: skip
+    lines = [
+        f"# Sweep {sweep}",
+        "",
+        f"{len(rows)} jobs: {done} done, {sum(r['status'] == 'failed' for r in rows)} failed, "
+        f"{sum(r['status'] == 'unfinished' for r in rows)} unfinished. Test accuracy (%), "
+        "sorted by final accuracy; many/medium/few: final accuracy of the classes with "
+        "> 100, 20-100, < 20 training images.",
+        "",
+    ]
     fields = shown(rows)
     if "final_noise_auc" in fields:
-        lines[-2] += (" noise AUC: how well the final meta-net's weight tells clean from corrupted "
-                      "training labels (0.5: not at all, 1: perfectly).")  # fmt: skip
+        lines[-2] += (
+            " noise AUC: how well the final meta-net's weight tells clean from corrupted "
+            "training labels (0.5: not at all, 1: perfectly)."
+        )
     if common:
         lines += ["Common: " + " ".join(f"`{k}={v}`" for k, v in common.items()), ""]
     head = ["job", *varying, *(HEADS[k] for k in fields), "time (s)", "status"]
@@ -128,19 +140,33 @@ def markdown(sweep: Path, rows: list[dict], common: dict, varying: list[str]) ->
     for r in rows:
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         time_s = f"{r['wall_time_s']:.0f}" if r.get("wall_time_s") is not None else "-"
-        cells = [r["job"], *(r["overrides"].get(k, "") for k in varying),
-                 *(_value(k, r.get(k)) for k in fields), time_s, status]  # fmt: skip
+        cells = [
+            r["job"],
+            *(r["overrides"].get(k, "") for k in varying),
+            *(_value(k, r.get(k)) for k in fields),
+            time_s,
+            status,
+        ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     groups = seed_groups(rows, varying)
     if groups:
         others = [k for k in varying if k != "seed"]
         head = [*others, "seeds", *(HEADS[k] for k in fields), "time (s)"]
-        lines += ["", "## Across seeds (mean ± sample std over the finished seeds)", "",
-                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+        lines += [
+            "",
+            "## Across seeds (mean ± sample std over the finished seeds)",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         for g in groups:
             accs = [_value(k, g[k], g[k + "_std"]) for k in fields]
-            cells = [*(g["overrides"][k] for k in others), g["seeds"], *accs,
-                     f"{g['wall_time_s']:.0f}"]  # fmt: skip
+            cells = [
+                *(g["overrides"][k] for k in others),
+                g["seeds"],
+                *accs,
+                f"{g['wall_time_s']:.0f}",
+            ]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -156,8 +182,9 @@ def write_sweep_summary(sweep: Path) -> tuple[str, list[dict]]:
         w.writeheader()
         for r in rows:
             overrides = " ".join(f"{k}={v}" for k, v in r["overrides"].items())
-            w.writerow({**r, **{k: r["overrides"].get(k, "") for k in varying},
-                        "overrides": overrides})  # fmt: skip
+            w.writerow(
+                {**r, **{k: r["overrides"].get(k, "") for k in varying}, "overrides": overrides}
+            )
     groups = seed_groups(rows, varying)
     if groups:
         others = [k for k in varying if k != "seed"]
@@ -166,8 +193,13 @@ def write_sweep_summary(sweep: Path) -> tuple[str, list[dict]]:
             w = csv.DictWriter(f, fieldnames=[*others, "seeds", "seed_values", *stats])
             w.writeheader()
             for g in groups:
-                w.writerow({**g["overrides"], **{k: g[k] for k in ("seeds", *stats)},
-                            "seed_values": " ".join(g["seed_values"])})  # fmt: skip
+                w.writerow(
+                    {
+                        **g["overrides"],
+                        **{k: g[k] for k in ("seeds", *stats)},
+                        "seed_values": " ".join(g["seed_values"]),
+                    }
+                )
     text = markdown(sweep, rows, common, varying)
     (sweep / "summary.md").write_text(text)
     return text, rows
@@ -198,8 +230,10 @@ class SweepSummary(Callback):
         print(text, flush=True)
         failed = [r for r in rows if r["status"] == "failed"]
         if failed:
-            print(f"mwn: {len(failed)} of {len(rows)} jobs failed; see {sweep / 'summary.md'}",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"mwn: {len(failed)} of {len(rows)} jobs failed; see {sweep / 'summary.md'}",
+                file=sys.stderr,
+            )
             sys.exit(1)
 
 
@@ -221,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     elif (path / "metrics.jsonl").is_file():
         runs = [path]
     else:
-        parser.error(f"{path}: neither a run folder (metrics.jsonl) nor a sweep folder "
-                     "(job folders with .hydra/overrides.yaml)")  # fmt: skip
+        parser.error(
+            f"{path}: neither a run folder (metrics.jsonl) nor a sweep folder "
+            "(job folders with .hydra/overrides.yaml)"
+        )
     if not args.no_plots:
         for run in runs:
             if (run / "metrics.jsonl").is_file():

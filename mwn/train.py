@@ -1,15 +1,13 @@
 """The entry point: `python -m mwn.train [overrides]` (Hydra).
 
-`train(cfg, out_dir)` builds the data and the state, runs the loop (one `mwn_step` or `erm_step`
-per iteration, validation, logging) and writes `metrics.jsonl` and `summary.json` to out_dir.
-Under `torchrun --nproc_per_node=N -m mwn.train`, every rank trains on its shard of each global
-batch (mwn.distributed) and rank 0 alone validates and writes.
+`train(cfg, out_dir)` is four stages: build the run (data, models, the step), resume (a fresh
+state or the newest checkpoint), the loop (one step per iteration, validation, logging,
+checkpoints) and the summary. Under `torchrun --nproc_per_node=N -m mwn.train`, every rank
+trains on its shard of each global batch (mwn.distributed) and rank 0 alone validates and writes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import logging
 import os
@@ -17,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
@@ -26,27 +25,19 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from mwn import checkpoint
+from mwn import checkpoint, seeds
 from mwn.accel import channels_last, make_step
-from mwn.config import ConfigError, check_command_line, check_config, register_schema
-from mwn.data import (
-    DataError,
-    DeviceImages,
-    Sampler,
-    batch_generator,
-    load_dataset,
-    make_long_tail,
-    split_meta,
+from mwn.batchnorm import synchronised
+from mwn.config import (
+    CONF_DIR,
+    ConfigError,
+    check_command_line,
+    check_config,
+    pick_device,
+    register_schema,
 )
-from mwn.distributed import (
-    LOCAL,
-    ONE,
-    AllReduce,
-    Ranks,
-    process_group,
-    ranks_from_env,
-    sync_batch_norm,
-)
+from mwn.data import DataError, DeviceImages, Sampler, load_dataset, make_long_tail, split_meta
+from mwn.distributed import LOCAL, ONE, AllReduce, Ranks, process_group, ranks_from_env
 from mwn.evaluate import (
     SHOT_GROUPS,
     WEIGHT_FN_LOSSES,
@@ -55,46 +46,72 @@ from mwn.evaluate import (
     shot_accuracy,
     weighting,
 )
-from mwn.meta import StepHP, erm_step, mwn_step, scaler_init
+from mwn.fp16 import scaler_init
+from mwn.meta import STEPS, StepHP
 from mwn.models import MetaNet, build_classifier, count_params, extract_state
 from mwn.monitor import Progress, TensorBoard
 from mwn.noise import apply_noise
 from mwn.optim import adam_init, sgd_init, step_lr
 from mwn.report import plot_run_or_note
+from mwn.seeds import Stream
 
 log = logging.getLogger(__name__)
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-TRAIN, META, TRAIN_AUG, META_AUG = range(4)  # RNG streams
-FP16_DEVICES = ("cuda",)  # CPU autocast runs fp16 too, but far slower than fp32
-
-
-def pick_device(name: str, local_rank: int = 0) -> torch.device:
-    """The device named (auto: CUDA, else MPS, else CPU); with CUDA the rank's own GPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda: CUDA is not available here; allowed values: auto | cpu")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError("device=mps: MPS is not available here; allowed values: auto | cpu")
-    return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
+NOISE_PROBE = 1000  # training samples on which clean and corrupted weights are compared
+NOISE_KEYS = ("weight_clean", "weight_noisy", "noise_auc")
 
 
 def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
     """One run. Writes metrics.jsonl and summary.json into out_dir; returns the summary.
     With several ranks (process group initialised): rank 0's out_dir is the run folder, and
     only rank 0 writes into it and returns the summary (the others return None)."""
+    run = build_run(cfg, out_dir, ranks)  # checks, data, models, the step
+    state, tally = resume(run)  # a fresh state, or the newest checkpoint's
+    with Recorder(run, tally) as recorder:  # metrics.jsonl, progress, TensorBoard, checkpoints
+        state, tally = loop(run, state, tally, recorder)
+        tally.elapsed_s = recorder.elapsed_s(tally)
+    return summarise(run, state, tally) if ranks.main else None
+
+
+# ---------------------------------------------------------------- 1. build the run
+
+
+@dataclass
+class Data:
+    """The run's image sets on the device, and how they were made."""
+
+    name: str
+    num_classes: int
+    train: DeviceImages  # long-tailed, with noisy labels where asked
+    meta: DeviceImages  # clean, balanced, disjoint from train
+    test: DeviceImages
+    counts: list[int]  # training images per class
+    noisy: torch.Tensor  # (len(train),) bool: the label was corrupted
+    noise: dict  # what noise.json holds
+    probe: DeviceImages | None = None  # label noise: training samples whose weights are watched
+    probe_noisy: torch.Tensor | None = None
+
+
+@dataclass
+class Run:
+    """Everything a run is built from; fixed once built."""
+
+    cfg: DictConfig
+    out_dir: Path
+    ranks: Ranks
+    device: torch.device
+    data: Data
+    model: torch.nn.Module  # the classifier (stateless: its state lives in the state dict)
+    meta_net: torch.nn.Module
+    hp: StepHP
+    step: object  # (state, batch, meta_batch, lr) -> (state, metrics); mwn.accel.make_step
+    batches: Batches
+    settings: dict = field(default_factory=dict)  # the resolved config, kept in checkpoints
+
+
+def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
+    """Check the settings, make the run folder (rank 0), and build data, models and the step."""
     check_config(cfg, ranks.world if ranks.torchrun else None)
-    device = pick_device(cfg.device.name, ranks.local_rank)
-    if cfg.fp16 and device.type not in FP16_DEVICES:
-        raise ConfigError(f"fp16=true: needs a CUDA device, got {device.type}; allowed: false")
-    if cfg.cuda_graphs and device.type != "cuda":
-        raise ConfigError(
-            f"cuda_graphs=true: needs a CUDA device, got {device.type}; allowed: false"
-        )
+    device = pick_device(cfg, ranks.local_rank)
     out_dir = run_folder(cfg, out_dir)
     if cfg.resume and not out_dir.is_dir():
         raise ConfigError(f"resume={cfg.resume!r}: no such run folder")
@@ -103,60 +120,134 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
         out_dir.mkdir(parents=True, exist_ok=True)
     else:  # the other ranks only train: warnings and errors are all they log
         logging.getLogger("mwn").setLevel(logging.WARNING)
-    t_start = time.perf_counter()
     if cfg.deterministic:  # bit-identical reruns on CUDA too, at some cost in speed
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    data = build_data(cfg, device)
+    seeds.seed_globals(cfg.seed)  # the initial weights (mwn.seeds)
+    m = cfg.model
+    model = build_classifier(
+        str(m.arch), data.num_classes, data.train.x.shape[1], m.depth, m.width
+    ).to(device)
+    meta_net = MetaNet(cfg.hidden_size, cfg.num_layers).to(device)
+    hp = StepHP.from_config(cfg)
+    # with sync_bn, the step's BatchNorm normalises with the global batch's statistics (its
+    # collectives run on every rank, so rank 0's validation uses the plain model)
+    step_model = synchronised(model) if cfg.sync_bn and ranks.torchrun else model
+    reduce = AllReduce(ranks.world, cfg.sync_bn) if ranks.torchrun else LOCAL
+    step = make_step(
+        STEPS[str(cfg.method)], step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce
+    )
+    log.info(
+        "%s: %s-%d, %d parameters; meta-net %d parameters",
+        cfg.method,
+        m.arch,
+        m.depth,
+        count_params(dict(model.named_parameters())),
+        count_params(dict(meta_net.named_parameters())),
+    )
+    if ranks.torchrun:
+        log.info(
+            "torchrun, world size %d: each rank takes %d of every %d training and %d of "
+            "every %d meta images; sync_bn=%s",
+            ranks.world,
+            cfg.batch_size // ranks.world,
+            cfg.batch_size,
+            cfg.meta_batch_size // ranks.world,
+            cfg.meta_batch_size,
+            str(cfg.sync_bn).lower(),
+        )
+    settings = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    batches = Batches(cfg, data, ranks, device)
+    return Run(cfg, out_dir, ranks, device, data, model, meta_net, hp, step, batches, settings)
 
-    # data: meta split out of the training split, the long tail, then label noise on the
-    # training labels only; all on the device
-    images = load_dataset(cfg.dataset.name, to_absolute_path(cfg.data.root), cfg.data.download)
+
+def build_data(cfg: DictConfig, device: torch.device) -> Data:
+    """The meta set out of the training split, then the long tail, then label noise on the
+    training labels only; all on the device."""
+    images = load_dataset(
+        str(cfg.dataset.name), to_absolute_path(cfg.dataset.root), cfg.dataset.download
+    )
     C = images.num_classes
-    meta_idx, pool = split_meta(images.train_y, C, meta_per_class(cfg, C), cfg.seed)
+    meta_idx, pool = split_meta(images.train_y, C, cfg.meta_per_class, cfg.seed)
     train_idx, counts = make_long_tail(images.train_y, pool, C, cfg.imbalance, cfg.seed)
     train_y, noisy, noise = apply_noise(
-        images.train_y[train_idx], train_idx, C, cfg.noise, cfg.noise_rate, cfg.seed
+        images.train_y[train_idx], train_idx, C, str(cfg.noise), cfg.noise_rate, cfg.seed
     )
-    norm = (list(cfg.dataset.mean), list(cfg.dataset.std), device)
-    fmt = {"channels_last": cfg.channels_last}
-    train_set = DeviceImages(images.train_x[train_idx], train_y, *norm, **fmt)
-    meta_set = DeviceImages(images.train_x[meta_idx], images.train_y[meta_idx], *norm, **fmt)
-    test_set = DeviceImages(images.test_x, images.test_y, *norm, **fmt)
+
+    def on_device(x: torch.Tensor, y: torch.Tensor) -> DeviceImages:
+        mean, std = list(cfg.dataset.mean), list(cfg.dataset.std)
+        return DeviceImages(x, y, mean, std, device, channels_last=cfg.channels_last)
+
+    data = Data(
+        images.name,
+        C,
+        on_device(images.train_x[train_idx], train_y),
+        on_device(images.train_x[meta_idx], images.train_y[meta_idx]),
+        on_device(images.test_x, images.test_y),
+        counts,
+        noisy,
+        noise,
+    )
     log.info(
         "%s: %d train (per class %s), %d meta, %d test; device %s",
-        images.name,
-        len(train_set),
+        data.name,
+        len(data.train),
         counts,
-        len(meta_set),
-        len(test_set),
+        len(data.meta),
+        len(data.test),
         device,
     )
-    diagnose_noise = cfg.noise != "none" and cfg.method == "mwn"
     if cfg.noise != "none":
-        if ranks.main:
-            (out_dir / "noise.json").write_text(json.dumps(noise) + "\n")
-        log.info("noise=%s noise_rate=%g: %d of %d training labels corrupted (noise.json)",
-                 cfg.noise, cfg.noise_rate, noise["corrupted"], len(train_set))  # fmt: skip
-        # a fixed subset of the training set on which clean and corrupted weights are compared
-        g = torch.Generator().manual_seed(cfg.seed + 4)
-        probe = torch.randperm(len(train_set), generator=g)[:NOISE_PROBE].sort().values
-        probe_set = DeviceImages(images.train_x[train_idx[probe]], train_y[probe], *norm, **fmt)
+        log.info(
+            "noise=%s noise_rate=%g: %d of %d training labels corrupted (noise.json)",
+            cfg.noise,
+            cfg.noise_rate,
+            noise["corrupted"],
+            len(data.train),
+        )
+        g = seeds.generator(cfg.seed, "noise_probe")
+        probe = torch.randperm(len(data.train), generator=g)[:NOISE_PROBE].sort().values
+        data.probe = on_device(images.train_x[train_idx[probe]], train_y[probe])
+        data.probe_noisy = noisy[probe]
+    return data
 
-    # models and explicit state
-    torch.manual_seed(cfg.seed)
-    m = cfg.model
-    model = build_classifier(m.arch, C, images.train_x.shape[1], m.depth, m.width).to(device)
-    meta_net = MetaNet(cfg.hidden_size, cfg.num_layers).to(device)
-    params, buffers = extract_state(model)
-    # the step's classifier: with sync_bn, BatchNorm on the global batch's statistics (its
-    # collectives run on every rank, so rank 0's validation uses the plain `model`)
-    step_model = model
-    if cfg.sync_bn and ranks.torchrun:
-        step_model = sync_batch_norm(copy.deepcopy(model))
-    if cfg.channels_last:
+
+class Batches:
+    """The batches of iteration `it`: every rank draws the same global batch (order and
+    augmentation seeded by iteration, so replayable) and takes its rows."""
+
+    def __init__(self, cfg: DictConfig, data: Data, ranks: Ranks, device: torch.device) -> None:
+        self.cfg, self.data, self.device = cfg, data, device
+        self.train = Sampler(
+            len(data.train), cfg.batch_size, cfg.seed, Stream.TRAIN_BATCHES, "batch_size"
+        )
+        self.meta = Sampler(
+            len(data.meta), cfg.meta_batch_size, cfg.seed, Stream.META_BATCHES, "meta_batch_size"
+        )
+        self.aug = (cfg.dataset.crop_padding, cfg.dataset.flip)
+        self.rows, self.meta_rows = ranks.shard(cfg.batch_size), ranks.shard(cfg.meta_batch_size)
+
+    def __call__(self, it: int) -> tuple[tuple, tuple | None, torch.Tensor]:
+        """(this rank's training batch, its meta batch or None for ERM, the training batch's
+        indices into the training set)."""
+        seed, idx = self.cfg.seed, self.train.indices(it)
+        gen = seeds.step_generator(seed, Stream.TRAIN_AUG, it, self.device)
+        batch = self.data.train.batch(idx, *self.aug, gen, self.rows)
+        meta_batch = None
+        if self.cfg.method == "mwn":
+            gen = seeds.step_generator(seed, Stream.META_AUG, it, self.device)
+            meta_batch = self.data.meta.batch(self.meta.indices(it), *self.aug, gen, self.meta_rows)
+        return batch, meta_batch, idx[self.rows]
+
+
+def initial_state(run: Run) -> dict:
+    """The training state at iteration 0: parameters, buffers and optimiser states."""
+    params, buffers = extract_state(run.model)
+    if run.cfg.channels_last:
         params = channels_last(params)
-    meta_params, _ = extract_state(meta_net)
+    meta_params, _ = extract_state(run.meta_net)
     state = {
         "params": params,
         "buffers": buffers,
@@ -164,221 +255,246 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
         "meta_params": meta_params,
         "meta_opt": adam_init(meta_params),
     }
-    if cfg.fp16:
-        state["scaler"] = scaler_init(device=device)
-    hp = StepHP(
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-        nesterov=cfg.nesterov,
-        meta_lr=cfg.meta_lr,
-        meta_weight_decay=cfg.meta_weight_decay,
-        normalize_weights=cfg.normalize_weights,
-        rollback=cfg.rollback,
-        fp16=cfg.fp16,
-        bf16=cfg.bf16,
-        meta_grad=cfg.meta_grad,
-    )
-    step_fn = mwn_step if cfg.method == "mwn" else erm_step
-    reduce = AllReduce(ranks.world, cfg.sync_bn) if ranks.torchrun else LOCAL
-    step = make_step(step_fn, step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce)
-    log.info(
-        "%s: %s-%d, %d parameters; meta-net %d parameters",
-        cfg.method,
-        m.arch,
-        m.depth,
-        count_params(params),
-        count_params(meta_params),
-    )
-    if ranks.torchrun:
-        log.info("torchrun, world size %d: each rank takes %d of every %d training and %d of "
-                 "every %d meta images; sync_bn=%s", ranks.world, cfg.batch_size // ranks.world,
-                 cfg.batch_size, cfg.meta_batch_size // ranks.world, cfg.meta_batch_size,
-                 str(cfg.sync_bn).lower())  # fmt: skip
+    if run.cfg.fp16:
+        state["scaler"] = scaler_init(device=run.device)
+    return state
 
-    # resume: the newest checkpoint in the run folder, if any, under the same settings
-    settings = OmegaConf.to_container(cfg, resolve=True)
-    start, best, last_eval, elapsed, metrics_bytes = 0, {"acc": -1.0}, None, 0.0, 0
-    ckpt = checkpoint.load(out_dir, device, cfg.resume_fallback)
-    if ckpt is not None:
-        checkpoint.check_same_settings(ckpt["config"], settings, ckpt["path"])
-        state, start, best = ckpt["state"], ckpt["iteration"], ckpt["best"]
-        last_eval, elapsed, metrics_bytes = (
-            ckpt["last_eval"],
-            ckpt["elapsed_s"],
-            ckpt["metrics_bytes"],
+
+# ---------------------------------------------------------------- 2. resume
+
+
+@dataclass
+class Tally:
+    """What the loop carries besides the training state (all of it kept in checkpoints)."""
+
+    start: int = 0  # the first iteration to run
+    best: dict = field(default_factory=lambda: {"test_acc": -1.0})  # the best validation
+    last_eval: dict | None = None  # the latest validation
+    elapsed_s: float = 0.0  # wall time of the run before this process
+    metrics_bytes: int = 0  # the length of metrics.jsonl at the checkpoint
+
+
+def resume(run: Run) -> tuple[dict, Tally]:
+    """The newest checkpoint in the run folder, if any, under the same settings; else a fresh
+    state."""
+    ckpt = checkpoint.load(run.out_dir, run.device, run.cfg.resume_fallback)
+    if ckpt is None:
+        if run.cfg.resume:
+            raise checkpoint.CheckpointError(
+                f"resume={run.cfg.resume!r}: no checkpoint-*.pt in {run.out_dir}"
+            )
+        return initial_state(run), Tally()
+    checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
+    checkpoint.set_rng_states(ckpt["rng"])
+    log.info("resuming from %s at iteration %d", ckpt["path"], ckpt["iteration"])
+    if ckpt.get("world", 1) != run.ranks.world:  # global batches: same data, same arithmetic
+        log.info(
+            "the checkpoint was written by %d processes, this run has %d",
+            ckpt.get("world", 1),
+            run.ranks.world,
         )
-        checkpoint.set_rng_states(ckpt["rng"])
-        log.info("resuming from %s at iteration %d", ckpt["path"], start)
-        if ckpt.get("world", 1) != ranks.world:  # global batches: same data, same arithmetic
-            log.info("the checkpoint was written by %d processes, this run has %d",
-                     ckpt.get("world", 1), ranks.world)  # fmt: skip
-    elif cfg.resume:
-        raise checkpoint.CheckpointError(f"resume={cfg.resume!r}: no checkpoint-*.pt in {out_dir}")
-    tensorboard = cfg.logger.name == "tensorboard" and ranks.main
-    board = TensorBoard(out_dir, start) if tensorboard else None
-    metrics_path = out_dir / "metrics.jsonl" if ranks.main else Path(os.devnull)
-    if ranks.main:
-        with open(metrics_path, "ab") as f:  # drop lines written after the checkpoint
-            f.truncate(metrics_bytes)
+    tally = Tally(
+        ckpt["iteration"], ckpt["best"], ckpt["last_eval"], ckpt["elapsed_s"], ckpt["metrics_bytes"]
+    )
+    return ckpt["state"], tally
 
-    train_batches = Sampler(len(train_set), cfg.batch_size, cfg.seed, TRAIN, "batch_size")
-    meta_batches = Sampler(len(meta_set), cfg.meta_batch_size, cfg.seed, META, "meta_batch_size")
-    aug = (cfg.dataset.crop_padding, cfg.dataset.flip)
-    rows, meta_rows = ranks.shard(cfg.batch_size), ranks.shard(cfg.meta_batch_size)
-    stop = _SigtermFlag()
-    progress = Progress(cfg.progress if ranks.main else "none", cfg.train_iters, start)
-    with open(metrics_path, "ab") as metrics_file, stop, _closing(progress, board):
 
-        def save_checkpoint(done: int, state: dict) -> Path:
-            path = checkpoint.checkpoint_path(out_dir, done)
-            if not ranks.main:  # the state is the same on every rank; rank 0 writes it
-                return path
-            metrics_file.flush()
-            return checkpoint.save(out_dir, done, {
-                "iteration": done, "state": state, "best": best, "last_eval": last_eval,
-                "metrics_bytes": metrics_file.tell(), "config": settings,
-                "elapsed_s": elapsed + time.perf_counter() - t_start,
-                "rng": checkpoint.rng_states(), "world": ranks.world})  # fmt: skip
+# ---------------------------------------------------------------- 3. the loop
 
-        def validation(state: dict, batch: tuple, batch_index: torch.Tensor) -> dict:
-            """Test accuracy (overall, per class, per shot group) and what the meta-net does."""
-            out = evaluate(model, state["params"], state["buffers"], test_set, C,
-                           cfg.eval_batch_size)  # fmt: skip
-            out.update(shot_accuracy(out["per_class_acc"], counts))
-            if cfg.method == "mwn":  # its weighting function, and the latest batch's weights
-                out.update(weighting(model, meta_net, state, batch, hp.amp))
-            if diagnose_noise:  # how it weighs clean and corrupted samples
-                out["batch"]["noisy"] = noisy[batch_index].tolist()
-                out.update(noise_separation(model, meta_net, state, probe_set, noisy[probe],
-                                            cfg.batch_size, hp.amp))  # fmt: skip
-            return out
 
-        for it in range(start, cfg.train_iters):
-            # learning rate and batches (seeded by iteration: replayable)
-            lr = step_lr(cfg.lr, it, cfg.lr_milestones, cfg.lr_gamma)
-            # (every rank draws the same global batch and takes its rows)
-            gen = batch_generator(cfg.seed, TRAIN_AUG, it, device)
-            batch = train_set.batch(train_batches.indices(it), *aug, gen, rows)
-            meta_batch = None
-            if cfg.method == "mwn":
-                gen = batch_generator(cfg.seed, META_AUG, it, device)
-                meta_batch = meta_set.batch(meta_batches.indices(it), *aug, gen, meta_rows)
-            # one iteration: weights, lookahead, meta-gradient, meta update, classifier update
-            lr_arg = torch.tensor(lr, device=device) if cfg.cuda_graphs else lr
-            before = state
-            state, metrics = step(state, batch, meta_batch, lr_arg)
+def loop(run: Run, state: dict, tally: Tally, recorder: Recorder) -> tuple[dict, Tally]:
+    """Iterations tally.start .. train_iters; returns the final state and tally."""
+    cfg = run.cfg
+    for it in range(tally.start, cfg.train_iters):
+        # learning rate and batches (seeded by iteration: replayable)
+        lr = step_lr(cfg.lr, it, cfg.lr_milestones, cfg.lr_gamma)
+        batch, meta_batch, batch_index = run.batches(it)
 
-            # a non-finite loss or meta-gradient stops an fp32 run (fp16 skips such steps); the
-            # metrics are global sums, the same on every rank, so every rank stops
-            if not cfg.fp16:
-                finite = torch.isfinite(torch.stack(list(metrics.values()))).tolist()
-                if not all(finite):
-                    good = step.static_in[0] if cfg.cuda_graphs else before  # replay overwrote
-                    path = save_checkpoint(it, good)
-                    bad = ", ".join(k for k, ok in zip(metrics, finite) if not ok)
-                    raise NonFinite(f"iteration {it + 1}: non-finite {bad} at lr {lr:g}; "
-                                    f"checkpoint of the last good state: {path}")  # fmt: skip
+        # one iteration: weights, lookahead, meta-gradient, meta update, classifier update
+        state, metrics = run.step(state, batch, meta_batch, lr)
 
-            # validation and logging
-            done = it + 1
-            validate = done % cfg.val_every == 0 or done == cfg.train_iters
-            if ranks.main and (done % cfg.log_every == 0 or validate):
-                record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
-                if cfg.fp16:
-                    record.update(
-                        loss_scale=state["scaler"]["scale"].item(),
-                        skipped_steps=int(state["scaler"]["skipped"]),
-                    )
-                if validate:
-                    last_eval = validation(state, batch, train_batches.indices(it)[rows])
-                    record["test_acc"] = last_eval["acc"]
-                    record.update({k: v for k, v in last_eval.items() if k != "acc"})
-                    if last_eval["acc"] > best["acc"]:
-                        best = {
-                            k: v for k, v in last_eval.items() if k not in ("weight_fn", "batch")
-                        }
-                        best["iter"] = done
-                    shots = "  ".join(f"{g} {last_eval[g + '_acc']:.2f}" for g in SHOT_GROUPS
-                                      if last_eval[g + "_acc"] is not None)  # fmt: skip
-                    progress.write(f"iter {done}  test acc {last_eval['acc']:.2f} "
-                                   f"(best {best['acc']:.2f})  {shots}")  # fmt: skip
-                metrics_file.write((json.dumps(record) + "\n").encode())
-                if board is not None:
-                    board.write(record)
-                progress.update(done, record)
-            else:
-                progress.update(done, None)
+        # a non-finite loss or meta-gradient stops an fp32 run (fp16 skips such steps); the
+        # metrics are global sums, the same on every rank, so every rank stops
+        if not cfg.fp16 and (bad := non_finite(metrics)):
+            path = recorder.checkpoint(it, run.step.last_state, tally)
+            raise NonFinite(
+                f"iteration {it + 1}: non-finite {', '.join(bad)} at lr {lr:g}; "
+                f"checkpoint of the last good state: {path}"
+            )
 
-            # checkpoint: periodically, at the end, and when asked to stop (all ranks agree on
-            # when: SIGTERM may reach them in different iterations)
-            stopping = ranks.any(stop.raised)
-            if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stopping:
-                path = save_checkpoint(done, state)
-                progress.write(f"checkpoint {path.name}")
-                if stopping:
-                    raise Preempted(f"stopped by SIGTERM at iteration {done}; checkpoint {path}; "
-                                    "rerun the same command to resume")  # fmt: skip
+        # validation and logging (rank 0)
+        done = it + 1
+        validate = done % cfg.val_every == 0 or done == cfg.train_iters
+        record = None
+        if recorder.active and (validate or done % cfg.log_every == 0):
+            record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
+            if cfg.fp16:
+                record.update(
+                    loss_scale=state["scaler"]["scale"].item(),
+                    skipped_steps=int(state["scaler"]["skipped"]),
+                )
+            if validate:
+                tally.last_eval = validation(run, state, batch, batch_index)
+                record.update(tally.last_eval)
+                if tally.last_eval["test_acc"] > tally.best["test_acc"]:
+                    drop = ("weight_fn", "batch")
+                    tally.best = {k: v for k, v in tally.last_eval.items() if k not in drop}
+                    tally.best["iter"] = done
+                recorder.note(validation_line(done, tally))
+        recorder.log(done, record)
 
-    if not ranks.main:
-        return None
+        # checkpoint: periodically, at the end, and when asked to stop (all ranks agree on
+        # when: SIGTERM may reach them in different iterations)
+        stopping = run.ranks.any(recorder.stop.raised)
+        if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stopping:
+            path = recorder.checkpoint(done, state, tally)
+            recorder.note(f"checkpoint {path.name}")
+            if stopping:
+                raise Preempted(
+                    f"stopped by SIGTERM at iteration {done}; checkpoint {path}; "
+                    "rerun the same command to resume"
+                )
+    return state, tally
+
+
+def non_finite(metrics: dict) -> list[str]:
+    """The names of the metrics that are not finite (one host sync for all)."""
+    finite = torch.isfinite(torch.stack(list(metrics.values()))).tolist()
+    return [k for k, ok in zip(metrics, finite) if not ok]
+
+
+def validation(run: Run, state: dict, batch: tuple, batch_index: torch.Tensor) -> dict:
+    """Test accuracy (overall, per class, per shot group) and what the meta-net does."""
+    cfg, data, model, meta_net = run.cfg, run.data, run.model, run.meta_net
+    out = evaluate(
+        model, state["params"], state["buffers"], data.test, data.num_classes, cfg.eval_batch_size
+    )
+    out.update(shot_accuracy(out["per_class_acc"], data.counts))
+    if cfg.method == "mwn":  # its weighting function, and the latest batch's weights
+        out.update(weighting(model, meta_net, state, batch, run.hp.amp))
+        if data.probe is not None:  # how it weighs clean and corrupted samples
+            out["batch"]["noisy"] = data.noisy[batch_index].tolist()
+            out.update(
+                noise_separation(
+                    model, meta_net, state, data.probe, data.probe_noisy, cfg.batch_size, run.hp.amp
+                )
+            )
+    return out
+
+
+def validation_line(done: int, tally: Tally) -> str:
+    e = tally.last_eval
+    shots = "  ".join(f"{g} {e[g + '_acc']:.2f}" for g in SHOT_GROUPS if e[g + "_acc"] is not None)
+    return f"iter {done}  test acc {e['test_acc']:.2f} (best {tally.best['test_acc']:.2f})  {shots}"
+
+
+class Recorder:
+    """The loop's side effects: metrics.jsonl, progress, TensorBoard, checkpoints, and SIGTERM
+    (which only sets `stop.raised`, checked once per iteration). Rank 0 records; on the other
+    ranks (`active` false) it writes nothing but still catches SIGTERM."""
+
+    def __init__(self, run: Run, tally: Tally) -> None:
+        self.run, self.active = run, run.ranks.main
+        self.t_start = time.perf_counter()
+        self.stop = _SigtermFlag()
+        start, cfg = tally.start, run.cfg
+        self.progress = Progress(cfg.progress if self.active else "none", cfg.train_iters, start)
+        self.board = None
+        if self.active and cfg.logger.name == "tensorboard":
+            self.board = TensorBoard(run.out_dir, start)
+        path = run.out_dir / "metrics.jsonl" if self.active else Path(os.devnull)
+        if self.active:
+            if cfg.noise != "none":
+                (run.out_dir / "noise.json").write_text(json.dumps(run.data.noise) + "\n")
+            with open(path, "ab") as f:  # drop lines written after the checkpoint
+                f.truncate(tally.metrics_bytes)
+        self.metrics = open(path, "ab")  # noqa: SIM115  (closed by __exit__)
+
+    def __enter__(self) -> Recorder:
+        self.stop.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.__exit__()
+        self.metrics.close()
+        self.progress.close()
+        if self.board is not None:
+            self.board.close()
+
+    def log(self, done: int, record: dict | None) -> None:
+        """After iteration `done`: a metrics.jsonl line, if any, and the progress display."""
+        if record is not None:
+            self.metrics.write((json.dumps(record) + "\n").encode())
+            if self.board is not None:
+                self.board.write(record)
+        self.progress.update(done, record)
+
+    def note(self, message: str) -> None:
+        self.progress.write(message)
+
+    def elapsed_s(self, tally: Tally) -> float:
+        return tally.elapsed_s + time.perf_counter() - self.t_start
+
+    def checkpoint(self, done: int, state: dict, tally: Tally) -> Path:
+        """Save the state after `done` iterations (rank 0; the state is the same on every rank)."""
+        if not self.active:
+            return checkpoint.checkpoint_path(self.run.out_dir, done)
+        self.metrics.flush()
+        payload = {
+            "iteration": done,
+            "state": state,
+            "best": tally.best,
+            "last_eval": tally.last_eval,
+            "metrics_bytes": self.metrics.tell(),
+            "config": self.run.settings,
+            "elapsed_s": self.elapsed_s(tally),
+            "rng": checkpoint.rng_states(),
+            "world": self.run.ranks.world,
+        }
+        return checkpoint.save(self.run.out_dir, done, payload)
+
+
+# ---------------------------------------------------------------- 4. the summary
+
+
+def summarise(run: Run, state: dict, tally: Tally) -> dict:
+    """summary.json: the final and best test accuracies and what the run was."""
+    cfg, data, last, best = run.cfg, run.data, tally.last_eval, tally.best
+    noise_diagnosed = data.probe is not None and cfg.method == "mwn"
     summary = {
-        "dataset": images.name,
-        "method": cfg.method,
+        "dataset": data.name,
+        "method": str(cfg.method),
         "imbalance": cfg.imbalance,
         "seed": cfg.seed,
-        "final_acc": last_eval["acc"],
-        "best_acc": best["acc"],
+        "final_test_acc": last["test_acc"],
+        "best_test_acc": best["test_acc"],
         "best_iter": best["iter"],
-        "final_per_class_acc": last_eval["per_class_acc"],
-        **{f"final_{k}": last_eval[k] for k in ("many_acc", "medium_acc", "few_acc")},
+        "final_per_class_acc": last["per_class_acc"],
+        **{f"final_{k}": last[k] for k in ("many_acc", "medium_acc", "few_acc")},
         **{f"best_{k}": best[k] for k in ("many_acc", "medium_acc", "few_acc")},
-        "train_class_counts": counts,
-        "noise": cfg.noise,
+        "train_class_counts": data.counts,
+        "noise": str(cfg.noise),
         "noise_rate": cfg.noise_rate,
-        "corrupted_fraction": noise["corrupted_fraction"],
-        **({f"final_{k}": last_eval[k] for k in NOISE_KEYS} if diagnose_noise else {}),
+        "corrupted_fraction": data.noise["corrupted_fraction"],
+        **({f"final_{k}": last[k] for k in NOISE_KEYS} if noise_diagnosed else {}),
         "weight_fn_losses": WEIGHT_FN_LOSSES,
-        "meta_size": len(meta_set),
-        "test_size": len(test_set),
+        "meta_size": len(data.meta),
+        "test_size": len(data.test),
         "iterations": cfg.train_iters,
-        "wall_time_s": elapsed + time.perf_counter() - t_start,
-        "device": str(device),
+        "wall_time_s": tally.elapsed_s,
+        "device": str(run.device),
         "threads": torch.get_num_threads(),  # float sums (and so results) depend on it
-        "processes": ranks.world,
+        "processes": run.ranks.world,
         "skipped_steps": int(state["scaler"]["skipped"]) if cfg.fp16 else 0,
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run.out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
-
-
-NOISE_KEYS = ("weight_clean", "weight_noisy", "noise_auc")
-NOISE_PROBE = 1000  # training samples on which clean and corrupted weights are compared
 
 
 def run_folder(cfg: DictConfig, out_dir: Path) -> Path:
     """Where the run lives: the folder named by `resume` (a run continued in its own folder),
     else Hydra's output folder."""
     return Path(to_absolute_path(cfg.resume)) if cfg.resume else out_dir
-
-
-def meta_per_class(cfg: DictConfig, num_classes: int) -> int:
-    """meta_size / classes when meta_size is set (it must divide evenly), else meta_per_class."""
-    if cfg.meta_size is None:
-        return cfg.meta_per_class
-    if cfg.meta_size % num_classes:
-        raise ConfigError(f"meta_size={cfg.meta_size}: allowed values are null or multiples of "
-                          f"the {num_classes} classes (the meta set is balanced)")  # fmt: skip
-    return cfg.meta_size // num_classes
-
-
-@contextlib.contextmanager
-def _closing(*things):
-    try:
-        yield
-    finally:
-        for thing in things:
-            if thing is not None:
-                thing.close()
 
 
 class NonFinite(RuntimeError):
@@ -410,8 +526,8 @@ class _SigtermFlag:
 
 def result_line(summary: dict) -> str:
     return (
-        f"IF {summary['imbalance']:g} || Best Acc.: {summary['best_acc']:.2f} || "
-        f"Final Acc.: {summary['final_acc']:.2f}"
+        f"IF {summary['imbalance']:g} || Best Acc.: {summary['best_test_acc']:.2f} || "
+        f"Final Acc.: {summary['final_test_acc']:.2f}"
     )
 
 
@@ -447,7 +563,7 @@ def main(cfg: DictConfig) -> float | None:
         return None
     plot_run_or_note(run_folder(cfg, out_dir))
     print(result_line(summary), flush=True)
-    return summary["final_acc"]
+    return summary["final_test_acc"]
 
 
 # what the ranks other than 0 give Hydra under torchrun: no run folder, config copy or log file

@@ -1,0 +1,155 @@
+"""BatchNorm for the functional classifier: three rules on top of PyTorch's `nn.BatchNorm2d`.
+
+- Autocast: fp16/bf16 inputs are normalised in fp32 and cast back. (The forward-mode derivative
+  of PyTorch's batch norm gives an fp32 tangent for an fp16 output, which the next convolution's
+  JVP rejects; computing in fp32 and casting back casts the tangent too.)
+- Forward mode: inside `jvp_rule()` (the JVP pass of the exact meta-gradient) training-mode
+  batch norm on large activations runs `_TrainBatchNorm`, PyTorch's kernels forward and backward
+  with a forward-mode rule of six passes over the activations. Elsewhere, and under
+  torch.compile (which fuses PyTorch's own rule), it is plain batch norm: an autograd.Function
+  costs Python time per call, which only the JVP repays.
+- Synchronised (`SyncBatchNorm2d`, made by `synchronised(model)` under torchrun with
+  sync_bn=true): training-mode statistics, and so the running ones, are those of the global
+  batch across processes, through a differentiable sum over the ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from mwn.distributed import sum_over_ranks
+
+_JVP_RULE = contextvars.ContextVar("batch_norm_jvp_rule", default=False)
+# activations below this many elements keep PyTorch's rule: measured on a 2-core CPU, the Python
+# cost of an autograd.Function call under torch.func outweighs the saving there (ResNet8 on
+# 8x8 digits: 11 % slower JVP); at CIFAR size (409,600 to 1,638,400) ours takes 45-55 % less
+JVP_RULE_MIN_SIZE = 2**18
+
+
+@contextlib.contextmanager
+def jvp_rule() -> Iterator[None]:
+    """Within the block, training-mode BatchNorm2d on activations of at least JVP_RULE_MIN_SIZE
+    elements uses `_TrainBatchNorm` (for a JVP pass). Nothing under torch.compile."""
+    if torch.compiler.is_compiling():
+        yield
+        return
+    token = _JVP_RULE.set(True)
+    try:
+        yield
+    finally:
+        _JVP_RULE.reset(token)
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d with the autocast rule and, inside `jvp_rule()`, the forward-mode rule."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return self._normalise(x.float()).to(x.dtype)
+        return self._normalise(x)
+
+    def _updates_running_stats(self) -> bool:
+        return self.training and self.track_running_stats and self.momentum is not None
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._updates_running_stats():
+            return super().forward(x)
+        small = x.numel() < JVP_RULE_MIN_SIZE
+        if torch.compiler.is_compiling() or small or not _JVP_RULE.get():
+            return super().forward(x)
+        self.num_batches_tracked.add_(1)
+        args = (x, self.weight, self.bias, self.running_mean, self.running_var)
+        return _TrainBatchNorm.apply(*args, self.momentum, self.eps)[0]
+
+
+class SyncBatchNorm2d(BatchNorm2d):
+    """Training-mode statistics of the global batch: one sum over the ranks per pass (count,
+    sum and sum of squares, each taken about the running mean, which is equal on every rank,
+    so that E[d^2] - E[d]^2 does not cancel catastrophically). Differentiable in reverse and
+    forward mode; running statistics by PyTorch's rule (unbiased variance)."""
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._updates_running_stats():
+            return super()._normalise(x)
+        shift = self.running_mean.view(1, -1, 1, 1)
+        d = x - shift
+        count = x.new_tensor([x.numel() / x.shape[1]])
+        local = [count, d.sum(dim=(0, 2, 3)), d.square().sum(dim=(0, 2, 3))]
+        sums = sum_over_ranks(torch.cat(local))
+        n, c = sums[0].detach(), x.shape[1]
+        mean_d, mean_d2 = sums[1 : 1 + c] / n, sums[1 + c :] / n
+        mean = self.running_mean + mean_d
+        var = mean_d2 - mean_d.square()  # biased, as BatchNorm normalises with
+        centred = x - mean.view(1, -1, 1, 1)
+        with torch.no_grad():
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+            self.num_batches_tracked.add_(1)
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        return centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
+def synchronised(model: nn.Module) -> nn.Module:
+    """A copy of `model` whose BatchNorm2d layers are SyncBatchNorm2d (same parameters and
+    buffers); the model given is left as it is."""
+    model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is BatchNorm2d:
+                sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum)
+                sync.load_state_dict(child.state_dict())
+                setattr(module, name, sync.to(child.weight.device))
+    return model
+
+
+class _TrainBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm: PyTorch's kernels forward and backward, and a forward-mode rule
+    with six passes over the activations instead of PyTorch's generic formula (about half the
+    time of the JVP of F.batch_norm on a CPU). With xc = x - mean, s = 1 / std:
+        y_t = g s (x_t - mean(x_t) - xhat m) + g_t xhat + b_t,  m = mean(xhat x_t),  xhat = xc s
+    (means over batch and space, per channel). Updates the running statistics in place, as
+    F.batch_norm does."""
+
+    @staticmethod
+    def forward(x, weight, bias, running_mean, running_var, momentum, eps):
+        return torch.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, _, running_mean, running_var, _, eps = inputs
+        _, mean, invstd = output
+        ctx.eps = eps
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.save_for_backward(x, weight, running_mean, running_var, mean, invstd)
+        ctx.save_for_forward(x, weight, mean, invstd)
+
+    @staticmethod
+    def backward(ctx, grad, _mean, _invstd):
+        x, weight, running_mean, running_var, mean, invstd = ctx.saved_tensors
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, running_mean, running_var, mean, invstd, True, ctx.eps, [True] * 3
+        )
+        return gx, gw, gb, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, bias_t, *_):
+        x, weight, mean, invstd = ctx.saved_tensors
+        per_channel = lambda t: t.view(1, -1, 1, 1)
+        dims = (0, 2, 3)
+        xc = x - per_channel(mean)
+        mean_t = x_t.mean(dims)
+        m = (xc * x_t).mean(dims) * invstd
+        a = weight * invstd
+        k = -a * m if weight_t is None else weight_t - a * m
+        d = -a * mean_t if bias_t is None else bias_t - a * mean_t
+        y_t = torch.addcmul(per_channel(d), per_channel(k * invstd), xc)
+        return y_t.addcmul_(per_channel(a), x_t), None, None
