@@ -1,12 +1,64 @@
-"""Shared fixtures: tiny datasets in the real on-disk formats, written by the tests."""
+"""Shared helpers and fixtures: configs, the command line, run comparisons, tensor errors, and
+tiny datasets in the real on-disk formats, written by the tests."""
 
 import gzip
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from torchvision.datasets import CIFAR10, CIFAR100
+
+from mwn import checkpoint
+from mwn.compare import differences
+from mwn.config import compose_config
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["train_iters=6", "val_every=3", "log_every=2", "model.width=4"]  # a run in seconds
+
+
+def make_cfg(*overrides: str):
+    """The composed config of `python -m mwn.train *overrides`."""
+    return compose_config(list(overrides))
+
+
+def run_cli(*args: str, cwd: Path, module: str = "mwn.train") -> subprocess.CompletedProcess:
+    """`python -m mwn.train *args` in a fresh process, as a user runs it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def final_state(folder: Path) -> dict:
+    """The training state of a run folder's newest checkpoint."""
+    return torch.load(checkpoint.checkpoints(folder)[0], weights_only=True)["state"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Bit for bit: metrics.jsonl, summary.json (wall time aside), the newest checkpoint."""
+    assert differences(a, b) == []
+
+
+def rel_err(a, b) -> float:
+    """||a - b|| / ||b|| over a tensor or a dict of tensors, in float64."""
+    if isinstance(a, dict):
+        num = sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b)
+        den = sum((b[k].double() ** 2).sum() for k in b)
+        return float(num.sqrt() / den.sqrt().clamp(min=1e-30))
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp(min=1e-30))
+
+
+@pytest.fixture(autouse=True)
+def _no_deterministic_leak():
+    """A test that switches PyTorch's deterministic algorithms on does not leave them on."""
+    yield
+    torch.use_deterministic_algorithms(False)
 
 
 def write_cifar(root: Path, name: str = "cifar10", per_class: int = 110, test_per_class: int = 3):
@@ -42,3 +94,13 @@ def write_idx(path: Path, array: np.ndarray) -> None:
 def tiny_cifar10(tmp_path):
     write_cifar(tmp_path, "cifar10")
     return tmp_path
+
+
+def step_hp(**changes):
+    """The step hyperparameters of the default config, with `changes` (StepHP has no defaults
+    of its own: the config is their one source)."""
+    from dataclasses import replace
+
+    from mwn.meta import StepHP
+
+    return replace(StepHP.from_config(make_cfg()), **changes)
