@@ -20,7 +20,7 @@ import os
 import statistics
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -123,6 +123,7 @@ def setup(args: argparse.Namespace) -> dict:
     }
     lr = 0.1
     return {
+        "hp": {name: shp for name, (_, shp) in specs.items()},
         "device": device,
         "state": state,
         "steps": steps,
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
         },
+        "step_hp": {k: asdict(v) for k, v in env["hp"].items() if k in env["steps"]},
         "ms": med,
         "ms_all": times,
         "ratio_to_erm": {k: med[k] / erm for k in env["steps"]} if erm else {},

@@ -18,18 +18,9 @@ from pathlib import Path
 import torch
 
 from mwn import checkpoint
+from mwn.report import current_names
 
-OLD_NAMES = {"acc": "test_acc", "final_acc": "final_test_acc", "best_acc": "best_test_acc"}
 NOT_COMPARED = {"wall_time_s"}  # summary.json fields that measure the clock
-
-
-def current_names(value):
-    """A JSON-like value with the keys of earlier releases renamed, at any depth."""
-    if isinstance(value, dict):
-        return {OLD_NAMES.get(k, k): current_names(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [current_names(v) for v in value]
-    return value
 
 
 def _records(path: Path) -> list:

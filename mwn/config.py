@@ -211,6 +211,9 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
             need(not cfg[key], key, f"false under {procs} (not supported yet)")
 
 
+FP16_DEVICES = ("cuda",)  # CPU autocast runs fp16 too, but far slower than fp32
+
+
 def pick_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
     """The device named (auto: CUDA, else MPS, else CPU; with CUDA the rank's own GPU), and
     whether the options that need CUDA can run on it."""
@@ -222,8 +225,8 @@ def pick_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
     elif name == "mps" and not _mps():
         raise ConfigError("device=mps: MPS is not available here; allowed values: auto | cpu")
     device = torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-    for key in ("fp16", "cuda_graphs"):  # CPU autocast runs fp16 too, but far slower than fp32
-        if cfg[key] and device.type != "cuda":
+    for key, devices in (("fp16", FP16_DEVICES), ("cuda_graphs", ("cuda",))):
+        if cfg[key] and device.type not in devices:
             raise ConfigError(f"{key}=true: needs a CUDA device, got {device.type}; allowed: false")
     return device
 

@@ -21,10 +21,29 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
-ACCURACIES = ("final_acc", "best_acc", "final_many_acc", "final_medium_acc", "final_few_acc")
+# summary.json names of earlier releases, read as today's (run folders written before a rename)
+OLD_NAMES = {"acc": "test_acc", "final_acc": "final_test_acc", "best_acc": "best_test_acc"}
+
+
+def current_names(value):
+    """A JSON-like value with the keys of earlier releases renamed, at any depth."""
+    if isinstance(value, dict):
+        return {OLD_NAMES.get(k, k): current_names(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [current_names(v) for v in value]
+    return value
+
+
+ACCURACIES = (
+    "final_test_acc",
+    "best_test_acc",
+    "final_many_acc",
+    "final_medium_acc",
+    "final_few_acc",
+)
 HEADS = {
-    "final_acc": "final",
-    "best_acc": "best",
+    "final_test_acc": "final",
+    "best_test_acc": "best",
     "final_many_acc": "many",
     "final_medium_acc": "medium",
     "final_few_acc": "few",
@@ -48,7 +67,7 @@ def read_job(folder: Path) -> dict:
     if (folder / "error.json").is_file():
         row.update(status="failed", error=json.loads((folder / "error.json").read_text())["error"])
     elif (folder / "summary.json").is_file():
-        summary = json.loads((folder / "summary.json").read_text())
+        summary = current_names(json.loads((folder / "summary.json").read_text()))
         row.update(status="done", wall_time_s=summary["wall_time_s"])
         row.update({k: summary.get(k) for k in ACCURACIES + OPTIONAL})
     return row
@@ -74,7 +93,7 @@ def sweep_rows(sweep: Path) -> tuple[list[dict], dict, list[str]]:
     values = {k: {r["overrides"].get(k) for r in rows} for k in keys}
     common = {k: next(iter(v)) for k, v in values.items() if len(v) == 1 and None not in v}
     varying = [k for k in keys if k not in common]
-    rows.sort(key=lambda r: (r["status"] != "done", -(r.get("final_acc") or 0.0)))
+    rows.sort(key=lambda r: (r["status"] != "done", -(r.get("final_test_acc") or 0.0)))
     return rows, common, varying
 
 
@@ -97,7 +116,7 @@ def seed_groups(rows: list[dict], varying: list[str]) -> list[dict]:
             g[k] = statistics.mean(xs) if xs else None
             g[k + "_std"] = statistics.stdev(xs) if len(xs) > 1 else None
         out.append(g)
-    return sorted(out, key=lambda g: -(g["final_acc"] or 0.0))
+    return sorted(out, key=lambda g: -(g["final_test_acc"] or 0.0))
 
 
 def _natural(text: str) -> tuple:

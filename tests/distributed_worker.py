@@ -11,20 +11,26 @@ import sys
 
 import torch
 
-from mwn.distributed import LOCAL, AllReduce, process_group, ranks_from_env, sync_batch_norm
-from mwn.meta import StepHP, erm_step, mwn_step
+from mwn.batchnorm import synchronised
+from mwn.distributed import LOCAL, AllReduce, process_group, ranks_from_env
+from mwn.meta import STEPS as STEP_FUNCTIONS
 from mwn.models import MetaNet, ResNet, extract_state
 from mwn.optim import adam_init
 
+from conftest import step_hp
+
 STEPS, BATCH, META_BATCH, LR = 3, 8, 6, 0.3
 CASES = {  # name: (method, sync_bn, hyperparameters)
-    "mwn_sync_normalized": ("mwn", True, StepHP(weight_decay=5e-3, normalize_weights=True)),
+    "mwn_sync_normalized": ("mwn", True, step_hp(weight_decay=5e-3, normalize_weights=True)),
     "mwn_sync_nesterov_no_rollback": (
-        "mwn", True, StepHP(weight_decay=5e-3, nesterov=True, rollback=False, meta_lr=1e-2)),
-    "erm_sync": ("erm", True, StepHP(weight_decay=5e-3)),
-    "mwn_local_bn": ("mwn", False, StepHP(weight_decay=5e-3, normalize_weights=True)),
-    "erm_local_bn": ("erm", False, StepHP(weight_decay=5e-3)),
-}  # fmt: skip
+        "mwn",
+        True,
+        step_hp(weight_decay=5e-3, nesterov=True, rollback=False, meta_lr=1e-2),
+    ),
+    "erm_sync": ("erm", True, step_hp(weight_decay=5e-3, normalize_weights=False)),
+    "mwn_local_bn": ("mwn", False, step_hp(weight_decay=5e-3, normalize_weights=True)),
+    "erm_local_bn": ("erm", False, step_hp(weight_decay=5e-3, normalize_weights=False)),
+}
 
 
 def make_case(seed: int = 0):
@@ -52,8 +58,8 @@ def run(case: str, rows=slice(None), meta_rows=slice(None), reduce=LOCAL) -> lis
     method, sync_bn, hp = CASES[case]
     model, meta_net, state, batches = make_case()
     if sync_bn and reduce is not LOCAL:
-        model = sync_batch_norm(model)
-    step = mwn_step if method == "mwn" else erm_step
+        model = synchronised(model)
+    step = STEP_FUNCTIONS[method]
     states = []
     for (x, y), (xm, ym) in batches:
         batch, meta_batch = (x[rows], y[rows]), (xm[meta_rows], ym[meta_rows])

@@ -10,16 +10,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import make_cfg, run_cli
 
 from mwn import checkpoint
 from mwn.checkpoint import CheckpointError
 from mwn.config import ConfigError
 from mwn.train import NonFinite, train
 
+from conftest import make_cfg, run_cli
+
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["train_iters=200", "val_every=50", "log_every=10", "model.width=4", "checkpoint_every=20",
-        "device=cpu"]  # fmt: skip
+ARGS = [
+    "train_iters=200",
+    "val_every=50",
+    "log_every=10",
+    "model.width=4",
+    "checkpoint_every=20",
+    "device=cpu",
+]
 
 
 def summary_without_time(folder: Path) -> dict:
@@ -48,15 +55,22 @@ def reference(tmp_path_factory) -> Path:
     proc = run_cli(*ARGS, f"hydra.run.dir={folder}", cwd=folder.parent)
     assert proc.returncode == 0, proc.stderr
     assert [p.name for p in checkpoint.checkpoints(folder)] == [
-        "checkpoint-200.pt", "checkpoint-180.pt"]  # fmt: skip
+        "checkpoint-200.pt",
+        "checkpoint-180.pt",
+    ]
     return folder
 
 
 def start_and_wait_for(folder: Path, name: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "mwn.train", *ARGS, f"hydra.run.dir={folder}"],
-                            cwd=folder.parent, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mwn.train", *ARGS, f"hydra.run.dir={folder}"],
+        cwd=folder.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 300
     while not (folder / name).exists():
         assert proc.poll() is None, proc.communicate()
@@ -135,8 +149,10 @@ def test_checkpoint_files_are_written_atomically(tmp_path):
     assert path.name == "checkpoint-7.pt" and not list(tmp_path.glob("*.tmp"))
     for i in (8, 9):
         checkpoint.save(tmp_path, i, {"x": torch.ones(3)})
-    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["checkpoint-9.pt",
-                                                                  "checkpoint-8.pt"]  # fmt: skip
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == [
+        "checkpoint-9.pt",
+        "checkpoint-8.pt",
+    ]
     (tmp_path / ".checkpoint-10.pt.tmp").write_bytes(b"half")  # a crash mid-write
     assert checkpoint.load(tmp_path, torch.device("cpu"))["x"].tolist() == [1, 1, 1]
 
@@ -152,8 +168,15 @@ def test_a_non_finite_loss_stops_the_run_after_saving_the_last_good_state(tmp_pa
 
 def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_others(tmp_path):
     sweep = tmp_path / "sweep"
-    args = ["-m", "seed=0,1", "train_iters=20", "val_every=10", "checkpoint_every=10",
-            "model.width=4", f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    args = [
+        "-m",
+        "seed=0,1",
+        "train_iters=20",
+        "val_every=10",
+        "checkpoint_every=10",
+        "model.width=4",
+        f"hydra.sweep.dir={sweep}",
+    ]
     first = run_cli(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     metrics = {j: (sweep / j / "metrics.jsonl").read_text() for j in ("0", "1")}

@@ -9,15 +9,15 @@ from mwn.data import (
     DataError,
     DeviceImages,
     Sampler,
-    batch_generator,
     load_cifar,
     load_digits,
     load_fashion_mnist,
     long_tail_counts,
     make_long_tail,
-    random_crop,  # fmt: skip
+    random_crop,
     split_meta,
 )
+from mwn.seeds import ONCE, Stream, generator, step_generator
 
 from conftest import write_cifar, write_idx
 
@@ -28,8 +28,6 @@ def test_long_tail_counts_match_the_reference_example():
     assert long_tail_counts(500, 100, 50)[-1] == 10
     counts = long_tail_counts(1000, 10, 12.5)  # any real factor
     assert counts[0] == 1000 and counts[-1] == 80
-    with pytest.raises(DataError, match=r"imbalance=0.5: allowed values are real numbers >= 1"):
-        long_tail_counts(100, 10, 0.5)
 
 
 def test_meta_split_is_disjoint_balanced_and_seeded():
@@ -96,7 +94,9 @@ def test_device_batches_normalise_and_flip():
     xb, yb = ds.batch(torch.tensor([0, 3]))
     torch.testing.assert_close(xb, (x[[0, 3]].float() / 255 - 0.5) / 0.25)
     assert yb.tolist() == [0, 3]
-    xf, _ = ds.batch(torch.arange(1000), flip=True, gen=batch_generator(0, 2, 5, ds.device))
+    xf, _ = ds.batch(
+        torch.arange(1000), flip=True, gen=step_generator(0, Stream.TRAIN_AUG, 5, ds.device)
+    )
     ref = (x.float() / 255 - 0.5) / 0.25
     flipped = (xf == ref.flip(3)).flatten(1).all(1)
     assert ((xf == ref).flatten(1).all(1) | flipped).all()
@@ -135,8 +135,11 @@ def test_cifar100_reader_uses_fine_labels(tmp_path):
 
 
 def test_cifar_reader_errors_name_the_folder_and_the_file(tmp_path):
-    with pytest.raises(DataError, match=r"cifar10 files not found in .*cifar-10-batches-py: "
-                                         r"missing data_batch_1, .*test_batch"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"cifar10 files not found in .*cifar-10-batches-py: "
+        r"missing data_batch_1, .*test_batch",
+    ):
         load_cifar(tmp_path, "cifar10", download=False)
     folder = write_cifar(tmp_path, "cifar10", per_class=2)
     bad = {b"data": np.zeros((5, 100), dtype=np.uint8), b"labels": [0] * 5}
@@ -187,3 +190,14 @@ def test_a_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(tvd.CIFAR10, "download", offline)
     with pytest.raises(DataError, match=r"data.download=true: downloading cifar10 into .* failed"):
         load_cifar(tmp_path, "cifar10", download=True)
+
+
+def test_every_random_stream_is_its_own():
+    """Each named start-up draw and each per-iteration stream gives different numbers for the
+    same seed, and the same numbers for the same (seed, name) or (seed, stream, step)."""
+    draws = [torch.rand(4, generator=generator(7, name)) for name in ONCE]
+    draws += [torch.rand(4, generator=step_generator(7, s, 3)) for s in Stream]
+    assert len({tuple(d.tolist()) for d in draws}) == len(ONCE) + len(Stream)
+    again = torch.rand(4, generator=step_generator(7, Stream.META_AUG, 3))
+    assert torch.equal(again, draws[len(ONCE) + int(Stream.META_AUG)])
+    assert not torch.equal(torch.rand(4, generator=step_generator(7, Stream.META_AUG, 4)), again)

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_worker import BATCH, CASES, LR, make_case, run
-from test_checkpoint import assert_same_run, final_state
 from torch.utils._pytree import tree_flatten
 
 from mwn import checkpoint
@@ -28,15 +27,12 @@ from mwn.distributed import Ranks
 from mwn.meta import erm_step
 from mwn.train import check_ranks
 
+from conftest import assert_same_run, final_state, rel_err
+
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 GROUPS = ("params", "buffers", "momentum", "meta_params")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +40,9 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     """Every case's states after each iteration, on rank 0 and on rank 1."""
     out = tmp_path_factory.mktemp("ranks")
     worker = ROOT / "tests" / "distributed_worker.py"
-    proc = subprocess.run([*TORCHRUN, str(worker), str(out)], env=ENV, capture_output=True,
-                          text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [*TORCHRUN, str(worker), str(out)], env=ENV, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
@@ -82,11 +79,17 @@ def test_local_batchnorm_erm_is_the_mean_of_the_shards_own_steps(two_ranks):
     model, meta_net, state, batches = make_case()
     half = BATCH // 2
     for it, ((x, y), _) in enumerate(batches):
-        steps = [erm_step(model, None, state, (x[s], y[s]), None, LR, hp)[0]
-                 for s in (slice(0, half), slice(half, None))]  # fmt: skip
-        state = {g: {k: (v + steps[1][g][k]) / 2 if v.is_floating_point() else v
-                     for k, v in steps[0][g].items()}
-                 for g in ("params", "buffers", "momentum")}  # fmt: skip
+        steps = [
+            erm_step(model, None, state, (x[s], y[s]), None, LR, hp)[0]
+            for s in (slice(0, half), slice(half, None))
+        ]
+        state = {
+            g: {
+                k: (v + steps[1][g][k]) / 2 if v.is_floating_point() else v
+                for k, v in steps[0][g].items()
+            }
+            for g in ("params", "buffers", "momentum")
+        }
         got = two_ranks[0]["erm_local_bn"][it]["state"]
         for group in ("params", "buffers", "momentum"):
             for k, v in state[group].items():
@@ -101,23 +104,31 @@ def test_mwn_with_local_batchnorm_trains_and_differs_from_global_statistics(two_
     local = two_ranks[0]["mwn_local_bn"][-1]
     synced = run("mwn_local_bn")[-1]  # the one-process run = global statistics
     assert all(torch.isfinite(v).all() for v in local["state"]["params"].values())
-    assert max(rel_err(local["state"]["params"][k], v)
-               for k, v in synced["state"]["params"].items()) > 1e-3  # fmt: skip
+    assert (
+        max(rel_err(local["state"]["params"][k], v) for k, v in synced["state"]["params"].items())
+        > 1e-3
+    )
 
 
 def test_batch_sizes_must_split_evenly_over_the_processes(tmp_path):
-    from test_train import make_cfg
+    from conftest import make_cfg
 
     cfg = make_cfg("batch_size=99")
     check_config(cfg)
     check_config(cfg, torchrun_world=1)
-    with pytest.raises(ConfigError, match=r"^batch_size=99: allowed values are multiples of the "
-                                          r"number of torchrun's 2 processes$"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^batch_size=99: allowed values are multiples of the "
+        r"number of torchrun's 2 processes$",
+    ):
         check_config(cfg, torchrun_world=2)
     with pytest.raises(ConfigError, match=r"^meta_batch_size=51: allowed values are multiples"):
         check_config(make_cfg("meta_batch_size=51"), torchrun_world=2)
-    with pytest.raises(ConfigError, match=r"^meta_grad=double_backward: allowed values are jvp "
-                                          r"under torchrun's 1 process$"):  # fmt: skip
+    with pytest.raises(
+        ConfigError,
+        match=r"^meta_grad=double_backward: allowed values are jvp "
+        r"under torchrun's 1 process$",
+    ):
         check_config(make_cfg("meta_grad=double_backward"), torchrun_world=1)
     with pytest.raises(ConfigError, match=r"^compile=true: allowed values are false under"):
         check_config(make_cfg("compile=true"), torchrun_world=2)
@@ -129,24 +140,48 @@ def test_batch_sizes_must_split_evenly_over_the_processes(tmp_path):
 
 def test_shards_partition_the_global_batch():
     rows = [Ranks(r, 4).shard(100) for r in range(4)]
-    assert [list(range(100))[s] for s in rows] == [list(range(25 * r, 25 * r + 25))
-                                                    for r in range(4)]  # fmt: skip
+    assert [list(range(100))[s] for s in rows] == [
+        list(range(25 * r, 25 * r + 25)) for r in range(4)
+    ]
 
 
 # ---------------------------------------------------------------- the trainer under torchrun
 
-CLI = ["model.depth=8", "model.width=4", "train_iters=12", "val_every=6", "log_every=1",
-       "checkpoint_every=4", "progress=none", "sync_bn=true", "device=cpu"]  # fmt: skip
+CLI = [
+    "model.depth=8",
+    "model.width=4",
+    "train_iters=12",
+    "val_every=6",
+    "log_every=1",
+    "checkpoint_every=4",
+    "progress=none",
+    "sync_bn=true",
+    "device=cpu",
+]
 
 
 def torchrun(folder: Path, *args: str, wait: bool = True, nproc: int = 2):
-    cmd = [*TORCHRUN[:-1], f"--nproc_per_node={nproc}", "-m", "mwn.train", *CLI, *args,
-           f"hydra.run.dir={folder}"]  # fmt: skip
+    cmd = [
+        *TORCHRUN[:-1],
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "mwn.train",
+        *CLI,
+        *args,
+        f"hydra.run.dir={folder}",
+    ]
     if not wait:
-        return subprocess.Popen(cmd, cwd=folder.parent, env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)  # fmt: skip
-    return subprocess.run(cmd, cwd=folder.parent, env=ENV, capture_output=True, text=True,
-                          timeout=600)  # fmt: skip
+        return subprocess.Popen(
+            cmd,
+            cwd=folder.parent,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    return subprocess.run(
+        cmd, cwd=folder.parent, env=ENV, capture_output=True, text=True, timeout=600
+    )
 
 
 @pytest.fixture(scope="module")
@@ -171,11 +206,18 @@ def test_torchrun_trains_the_run_one_process_trains(torchrun_run, tmp_path):
     """`torchrun --nproc_per_node=2 -m mwn.train ... sync_bn=true` and `python -m mwn.train`
     give the same model (float32, 12 iterations); rank 0 alone writes, into one run folder."""
     one = tmp_path / "one"
-    proc = subprocess.run([sys.executable, "-m", "mwn.train", *CLI, f"hydra.run.dir={one}"],
-                          cwd=tmp_path, env=ENV, capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "mwn.train", *CLI, f"hydra.run.dir={one}"],
+        cwd=tmp_path,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    worlds = [torch.load(checkpoint.checkpoints(f)[0], weights_only=True)["world"]
-              for f in (torchrun_run, one)]  # fmt: skip
+    worlds = [
+        torch.load(checkpoint.checkpoints(f)[0], weights_only=True)["world"]
+        for f in (torchrun_run, one)
+    ]
     assert worlds == [2, 1]
     assert_close_models(torchrun_run, one)
     # one folder, rank 0's files only: each metrics line once, one log, no stray run folders
@@ -229,13 +271,26 @@ def start_nodes(folder: Path, cwd: Path) -> list[subprocess.Popen]:
         port, nodes = free_port(), []
         for node in (0, 1):
             (cwd / f"node{node}").mkdir(exist_ok=True)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2",
-                   f"--node_rank={node}", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-                   f"--master_port={port}", "-m", "mwn.train", *CLI,
-                   f"hydra.run.dir={folder}"]  # fmt: skip
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nnodes=2",
+                f"--node_rank={node}",
+                "--nproc_per_node=1",
+                "--master_addr=127.0.0.1",
+                f"--master_port={port}",
+                "-m",
+                "mwn.train",
+                *CLI,
+                f"hydra.run.dir={folder}",
+            ]
             pipe = subprocess.PIPE
-            nodes.append(subprocess.Popen(cmd, cwd=cwd / f"node{node}", env=ENV, text=True,
-                                          stdout=pipe, stderr=pipe))  # fmt: skip
+            nodes.append(
+                subprocess.Popen(
+                    cmd, cwd=cwd / f"node{node}", env=ENV, text=True, stdout=pipe, stderr=pipe
+                )
+            )
             time.sleep(2 if node == 0 else 0)
         if nodes[0].poll() is None or nodes[0].returncode == 0:
             return nodes

@@ -45,13 +45,22 @@ def test_adam_matches_torch():
         torch.testing.assert_close(params[k], ref[k].detach(), rtol=1e-13, atol=1e-14)
 
 
-def test_step_lr_and_lookahead_scale():
-    assert [step_lr(0.1, i, [5000, 7500, 9000], 0.1) for i in (0, 4999, 5000, 7500, 9999)] == [
-        0.1,
-        0.1,
-        0.1 * 0.1,
-        0.1 * 0.1**2,
-        0.1 * 0.1**3,
-    ]
-    assert sgd_lookahead_scale(0.1, 0.9, nesterov=False) == 0.1
-    assert sgd_lookahead_scale(0.1, 0.9, nesterov=True) == pytest.approx(0.19)
+def test_step_lr_counts_the_milestones_passed():
+    lrs = [step_lr(0.1, i, [5000, 7500, 9000], 0.1) for i in (0, 4999, 5000, 7500, 9999)]
+    assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.001, 0.0001], rel=1e-12)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_lookahead_scale_is_the_derivative_of_the_sgd_step(nesterov):
+    """-d(new params)/d(gradient) of torch.optim.SGD's rule, by autodiff, is the scale the
+    meta-gradient identity uses (lr, or lr (1 + momentum) with Nesterov)."""
+    params, grads = _problem()
+    grads = grads[0]
+    buf = {k: torch.randn_like(v) for k, v in params.items()}
+
+    def new_params(g):
+        return sgd_step(params, {**grads, "b": g}, buf, 0.3, 0.9, 5e-4, nesterov)[0]["b"]
+
+    jac = torch.func.jacrev(new_params)(grads["b"])
+    scale = sgd_lookahead_scale(0.3, 0.9, nesterov)
+    torch.testing.assert_close(jac, -scale * torch.eye(3, dtype=torch.float64), rtol=1e-14, atol=0)

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from test_train import make_cfg, run_cli
 
 from mwn import monitor, report
 from mwn.config import check_command_line
@@ -20,6 +19,8 @@ from mwn.evaluate import WEIGHT_FN_LOSSES, shot_accuracy
 from mwn.meta import sample_weights
 from mwn.models import MetaNet
 from mwn.train import CONF_DIR, train
+
+from conftest import make_cfg, run_cli
 
 TINY = ["train_iters=6", "val_every=3", "log_every=3", "model.width=4", "device=cpu"]
 
@@ -31,9 +32,16 @@ def read_csv(path: Path) -> list[dict]:
 
 def test_a_joblib_sweep_writes_a_summary_that_matches_its_jobs(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
-                   "meta_lr=1e-5,1e-1", "hidden_size=50,100", *TINY,
-                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "meta_lr=1e-5,1e-1",
+        "hidden_size=50,100",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "Joblib.Parallel" in proc.stdout + proc.stderr  # jobs really went through joblib
     rows = read_csv(sweep / "summary.csv")
@@ -42,18 +50,26 @@ def test_a_joblib_sweep_writes_a_summary_that_matches_its_jobs(tmp_path):
     for row in rows:
         job = json.loads((Path(row["folder"]) / "summary.json").read_text())
         assert row["status"] == "done" and row["error"] == ""
-        for key in ("final_acc", "best_acc", "final_many_acc", "final_medium_acc",
-                    "final_few_acc", "wall_time_s"):  # fmt: skip
+        for key in (
+            "final_test_acc",
+            "best_test_acc",
+            "final_many_acc",
+            "final_medium_acc",
+            "final_few_acc",
+            "wall_time_s",
+        ):
             assert (float(row[key]) if row[key] else None) == job[key], key
         overrides = dict(o.split("=") for o in row["overrides"].split())
-        assert (row["meta_lr"], row["hidden_size"]) == (overrides["meta_lr"],
-                                                        overrides["hidden_size"])  # fmt: skip
+        assert (row["meta_lr"], row["hidden_size"]) == (
+            overrides["meta_lr"],
+            overrides["hidden_size"],
+        )
         seen.add((row["meta_lr"], row["hidden_size"]))
         folder = Path(row["folder"])
         for plot in ("weight_fn.png", "accuracy.png", "per_class.png", "weights_hist.png"):
             assert (folder / plot).stat().st_size > 1000, plot
     assert seen == {("1e-05", "50"), ("1e-05", "100"), ("0.1", "50"), ("0.1", "100")}
-    finals = [float(r["final_acc"]) for r in rows]
+    finals = [float(r["final_test_acc"]) for r in rows]
     assert finals == sorted(finals, reverse=True)
     md = (sweep / "summary.md").read_text()
     assert "| job | meta_lr | hidden_size | final | best | many | medium | few |" in md
@@ -64,14 +80,14 @@ def test_a_joblib_sweep_writes_a_summary_that_matches_its_jobs(tmp_path):
 
 def test_a_failed_job_is_a_row_with_its_error_and_the_others_still_run(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "meta_per_class=500,10", *TINY, f"hydra.sweep.dir={sweep}",
-                   cwd=tmp_path)  # fmt: skip
+    proc = run_cli("-m", "meta_per_class=500,10", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"mwn: 1 of 2 jobs failed; see {sweep / 'summary.md'}")  # fmt: skip
+        f"mwn: 1 of 2 jobs failed; see {sweep / 'summary.md'}"
+    )
     rows = {r["meta_per_class"]: r for r in read_csv(sweep / "summary.csv")}
-    assert rows["10"]["status"] == "done" and float(rows["10"]["final_acc"]) >= 0
-    assert rows["500"]["status"] == "failed" and rows["500"]["final_acc"] == ""
+    assert rows["10"]["status"] == "done" and float(rows["10"]["final_test_acc"]) >= 0
+    assert rows["500"]["status"] == "failed" and rows["500"]["final_test_acc"] == ""
     assert rows["500"]["error"].startswith("meta_per_class=500: class 0 has only")
     assert list(rows) == ["10", "500"]  # failed jobs last
     assert "failed: meta_per_class=500" in (sweep / "summary.md").read_text()
@@ -91,19 +107,30 @@ def fake_job(sweep: Path, num: int, overrides: list[str], **summary) -> None:
 
 def test_seed_sweeps_are_aggregated_as_mean_and_sample_std(tmp_path):
     sweep = tmp_path / "sweep"
-    accs = {("10", "0"): 80.0, ("10", "1"): 82.0, ("10", "2"): 87.0, ("100", "0"): 60.0,
-            ("100", "1"): 64.0}  # fmt: skip
+    accs = {
+        ("10", "0"): 80.0,
+        ("10", "1"): 82.0,
+        ("10", "2"): 87.0,
+        ("100", "0"): 60.0,
+        ("100", "1"): 64.0,
+    }
     for num, ((imb, seed), acc) in enumerate(accs.items()):
-        fake_job(sweep, num, [f"imbalance={imb}", f"seed={seed}", "train_iters=5"],
-                 final_acc=acc, best_acc=acc + 1, final_few_acc=acc - 50)  # fmt: skip
+        fake_job(
+            sweep,
+            num,
+            [f"imbalance={imb}", f"seed={seed}", "train_iters=5"],
+            final_test_acc=acc,
+            best_test_acc=acc + 1,
+            final_few_acc=acc - 50,
+        )
     fake_job(sweep, 5, ["imbalance=100", "seed=2", "train_iters=5"])  # still running
     assert report.main([str(sweep), "--no-plots"]) == 0
     groups = {g["imbalance"]: g for g in read_csv(sweep / "summary_seeds.csv")}
     assert groups["10"]["seeds"] == "3" and groups["10"]["seed_values"] == "0 1 2"
-    assert float(groups["10"]["final_acc"]) == pytest.approx(83.0)
-    assert float(groups["10"]["final_acc_std"]) == pytest.approx(math.sqrt(13.0))  # (9+1+16)/2
-    assert float(groups["10"]["best_acc"]) == pytest.approx(84.0)
-    assert float(groups["100"]["final_acc_std"]) == pytest.approx(statistics.stdev([60, 64]))
+    assert float(groups["10"]["final_test_acc"]) == pytest.approx(83.0)
+    assert float(groups["10"]["final_test_acc_std"]) == pytest.approx(math.sqrt(13.0))  # (9+1+16)/2
+    assert float(groups["10"]["best_test_acc"]) == pytest.approx(84.0)
+    assert float(groups["100"]["final_test_acc_std"]) == pytest.approx(statistics.stdev([60, 64]))
     assert groups["100"]["seeds"] == "2" and groups["10"]["final_many_acc"] == ""
     md = (sweep / "summary.md").read_text()
     assert "| 10 | 3 | 83.00 ± 3.61 | 84.00 ± 3.61 | - | - | 33.00 ± 3.61 | 10 |" in md
@@ -189,8 +216,12 @@ def test_tensorboard_gets_the_scalars_of_metrics_jsonl_also_after_a_resume(tmp_p
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})
     events.Reload()
     records = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
-    for tag, key in (("train/loss", "loss"), ("train/meta_loss", "meta_loss"),
-                     ("test/test_acc", "test_acc"), ("train/lr", "lr")):  # fmt: skip
+    for tag, key in (
+        ("train/loss", "loss"),
+        ("train/meta_loss", "meta_loss"),
+        ("test/test_acc", "test_acc"),
+        ("train/lr", "lr"),
+    ):
         logged = [(e.step, e.value) for e in events.Scalars(tag)]
         assert logged == [(r["iter"], pytest.approx(r[key])) for r in records if key in r], tag
     assert [h.step for h in events.Histograms("train/batch_weight")] == [3, 6]
@@ -202,14 +233,19 @@ def test_a_launcher_whose_plugin_is_missing_is_a_one_line_error(monkeypatch):
     missing = ("hydra_plugins.not_installed", "hydra-joblib-launcher", "joblib")
     monkeypatch.setitem(config.LAUNCHER_PLUGINS, "joblib", missing)
     problem = check_command_line(["-m", "hydra/launcher=joblib", "seed=0,1"], CONF_DIR)
-    assert problem == ("hydra/launcher=joblib: needs the hydra-joblib-launcher package "
-                       "(pip install -e '.[joblib]'); allowed without it: basic")  # fmt: skip
+    assert problem == (
+        "hydra/launcher=joblib: needs the hydra-joblib-launcher package "
+        "(pip install -e '.[joblib]'); allowed without it: basic"
+    )
 
 
 def test_the_slurm_example_config_composes_onto_submitit():
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)  # fmt: skip
+        cfg = compose(
+            "config",
+            overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+            return_hydra_config=True,
+        )
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.timeout_min) == ("gpu", 1, 120)
@@ -221,27 +257,38 @@ def test_a_seed_by_imbalance_sweep_through_submitit_is_summarised(tmp_path):
     runs it in its own process (submitit's local executor here), then the summary is written;
     the seed table averages over the seeds of each imbalance."""
     sweep = tmp_path / "sweep"
-    proc = run_cli("-m", "hydra/launcher=submitit_local", "imbalance=10,50", "seed=0,1", *TINY,
-                   f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    proc = run_cli(
+        "-m",
+        "hydra/launcher=submitit_local",
+        "imbalance=10,50",
+        "seed=0,1",
+        *TINY,
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert len(list((sweep / ".submitit").glob("*/*_result.pkl"))) == 4  # submitit ran them
     rows = read_csv(sweep / "summary.csv")
     assert sorted((r["imbalance"], r["seed"]) for r in rows) == [
-        ("10", "0"), ("10", "1"), ("50", "0"), ("50", "1")]  # fmt: skip
+        ("10", "0"),
+        ("10", "1"),
+        ("50", "0"),
+        ("50", "1"),
+    ]
     seeds = {r["imbalance"]: r for r in read_csv(sweep / "summary_seeds.csv")}
     for imbalance, group in seeds.items():
-        finals = [float(r["final_acc"]) for r in rows if r["imbalance"] == imbalance]
-        assert float(group["final_acc"]) == pytest.approx(statistics.mean(finals))
-        assert float(group["final_acc_std"]) == pytest.approx(statistics.stdev(finals))
+        finals = [float(r["final_test_acc"]) for r in rows if r["imbalance"] == imbalance]
+        assert float(group["final_test_acc"]) == pytest.approx(statistics.mean(finals))
+        assert float(group["final_test_acc_std"]) == pytest.approx(statistics.stdev(finals))
 
 
 def test_the_noise_auc_column_appears_only_for_noise_sweeps(tmp_path):
-    fake_job(tmp_path / "plain", 0, ["seed=0"], final_acc=50.0)
-    fake_job(tmp_path / "plain", 1, ["seed=1"], final_acc=52.0)
+    fake_job(tmp_path / "plain", 0, ["seed=0"], final_test_acc=50.0)
+    fake_job(tmp_path / "plain", 1, ["seed=1"], final_test_acc=52.0)
     text, _ = report.write_sweep_summary(tmp_path / "plain")
     assert "noise AUC" not in text
-    fake_job(tmp_path / "noisy", 0, ["method=mwn"], final_acc=80.0, final_noise_auc=0.9123)
-    fake_job(tmp_path / "noisy", 1, ["method=erm"], final_acc=70.0)
+    fake_job(tmp_path / "noisy", 0, ["method=mwn"], final_test_acc=80.0, final_noise_auc=0.9123)
+    fake_job(tmp_path / "noisy", 1, ["method=erm"], final_test_acc=70.0)
     text, _ = report.write_sweep_summary(tmp_path / "noisy")
     assert "| 0 | mwn | 80.00 | - | - | - | - | 0.912 | 10 | done |" in text
     assert "| 1 | erm | 70.00 | - | - | - | - | - | 10 | done |" in text
