@@ -203,6 +203,8 @@ def _parse_cifar_batch(raw: bytes, path: Path, label_key: bytes, num_classes: in
         entry = pickle.loads(raw, encoding="bytes")  # the CIFAR format is a pickle: trusted input
     except Exception as e:
         raise DataError(f"{path}: not a CIFAR python batch file ({type(e).__name__}: {e})") from e
+    if isinstance(entry, dict):  # pickled by Python 3: str keys (torchvision reads those too)
+        entry = {k.encode() if isinstance(k, str) else k: v for k, v in entry.items()}
     if not isinstance(entry, dict) or b"data" not in entry or label_key not in entry:
         raise DataError(
             f"{path}: malformed CIFAR batch, needs keys 'data' and {label_key.decode()!r}"

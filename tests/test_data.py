@@ -134,6 +134,27 @@ def test_cifar100_reader_uses_fine_labels(tmp_path):
     assert ds.num_classes == 100 and torch.bincount(ds.train_y).tolist() == [2] * 100
 
 
+def test_cifar_reader_accepts_batches_pickled_by_python3_with_str_keys(tmp_path):
+    """Files re-saved by Python 3 (pickle.dump of a dict with str keys) load like the originals;
+    a str-keyed file without the label key is still refused."""
+    folder = write_cifar(tmp_path, "cifar100", per_class=2, test_per_class=1)
+    originals = {}
+    for f in folder.iterdir():
+        entry = pickle.loads(f.read_bytes())
+        originals[f.name] = entry
+        f.write_bytes(pickle.dumps({k.decode(): v for k, v in entry.items()}, protocol=4))
+    with pytest.warns(UserWarning, match="MD5"):
+        ds = load_cifar(tmp_path, "cifar100", download=False)
+    first = originals["train"]
+    assert ds.train_y.tolist() == first[b"fine_labels"]
+    assert torch.equal(ds.train_x.flatten(1), torch.from_numpy(first[b"data"]))
+    assert ds.test_y.tolist() == originals["test"][b"fine_labels"]
+    (folder / "test").write_bytes(pickle.dumps({"data": first[b"data"], "labels": [0]}))
+    with pytest.raises(DataError, match=r"test: malformed CIFAR batch, needs keys 'data' and "
+                                         r"'fine_labels'"):  # fmt: skip
+        load_cifar(tmp_path, "cifar100", download=False)
+
+
 def test_cifar_reader_errors_name_the_folder_and_the_file(tmp_path):
     with pytest.raises(
         DataError,

@@ -1,0 +1,360 @@
+"""Image folders as a dataset: `root/train/<class>/<image>` and `root/test/<class>/<image>`
+(torchvision's ImageFolder layout), decoded once into uint8 tensors and cached.
+
+Rules (each broken one is a one-line DataError naming the folder, file or class):
+- images are PNG or JPEG by name (.png .jpg .jpeg, any case); hidden names (starting with '.',
+  e.g. .DS_Store, ._x.jpg, .ipynb_checkpoints) and Windows' Thumbs.db / desktop.ini are ignored;
+  any other file under train/ or test/ is an error naming it (rename it to a hidden name or move
+  it out), never silently skipped. Class folders may hold subfolders (read recursively, as
+  torchvision does);
+- classes are the folder names under train/, sorted; a class's index is its position in that
+  list. A test class without a train folder is an error; a train class without a test folder is
+  allowed (a warning; it has no test images, so its per-class test accuracy means nothing); a
+  class folder without images (train or test) is an error;
+- images become RGB (3 channels, alpha dropped, palettes expanded) unless every image, train and
+  test, is greyscale (PIL modes 1, L, LA, I, I;16): then 1 channel. 16-bit greyscale keeps its
+  high byte. EXIF orientation is not applied (as torchvision's loader);
+- with `image_size`, every image is resized to image_size x image_size (PIL bilinear, which
+  antialiases when shrinking, as torchvision's Resize on PIL images; the aspect ratio is not
+  kept); without it, every image must have the same size.
+
+The cache is one torch.save file of the tensors and class names, keyed by a hash of the sorted
+relative paths, sizes and mtimes of the images, image_size and FORMAT_VERSION: any added,
+removed, renamed or rewritten image (new mtime) makes a new cache. It lives in
+`root/.mwn-cache/` (or `cache_dir`), else in the user cache folder ($XDG_CACHE_HOME/mwn or
+~/.cache/mwn) when root is read-only. A corrupt or foreign cache file is ignored and rebuilt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from mwn.data import DataError, ImageSet
+
+log = logging.getLogger(__name__)
+
+SUFFIXES = (".png", ".jpg", ".jpeg")
+IGNORED_NAMES = ("thumbs.db", "desktop.ini")  # compared lower-case; plus every name with a '.'
+FORMAT_VERSION = 1  # bump when decoding or the cache's contents change
+STATS_CHUNK = 1 << 22  # pixels (elements) channel_stats converts to float64 at a time: 32 MB
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
+LAYOUT = "expected <root>/train/<class>/<image> and <root>/test/<class>/<image> (PNG or JPEG)"
+
+
+@dataclass
+class _Split:
+    """The image files of one split: paths sorted by (class, path) and their labels."""
+
+    files: list[Path]
+    labels: list[int]
+
+
+def load_image_folder(
+    root: str | Path,
+    image_size: int | None = None,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ImageSet:
+    """The images under root/train and root/test as an ImageSet named after the folder, from the
+    cache when the folder has not changed since it was written (see the module docstring)."""
+    root = Path(root).expanduser()
+    if image_size is not None and (
+        not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1
+    ):
+        raise DataError(f"data.image_size={image_size}: allowed values are integers >= 1 or null")
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found ({LAYOUT})")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: not an image folder, no {split}/ folder in it; {LAYOUT}")
+    classes = _classes(root / "train")
+    test_classes = _classes(root / "test")
+    for name in test_classes:
+        if name not in classes:
+            raise DataError(
+                f"{root / 'test' / name}: test class {name!r} has no folder in {root / 'train'}"
+            )
+    for name in classes:
+        if name not in test_classes:
+            log.warning("%s: class %r has no test images", root / "test", name)
+    train = _list_split(root / "train", classes)
+    test = _list_split(root / "test", classes)
+
+    key = _cache_key(root, train, test, image_size)
+    stem = f"{_safe(root.resolve().name)}-{image_size or 'native'}-{key[:20]}"
+    dirs = [Path(cache_dir).expanduser()] if cache_dir is not None else _default_cache_dirs(root)
+    for folder in dirs:
+        cached = _read_cache(folder / f"{stem}.pt", key, classes)
+        if cached is not None:
+            log.info(
+                "%s: %d train, %d test images from the cache %s",
+                root,
+                len(cached.train_y),
+                len(cached.test_y),
+                folder / f"{stem}.pt",
+            )
+            return cached
+
+    train_x, test_x = _decode_all(root, train, test, image_size, progress)
+    ds = ImageSet(
+        root.resolve().name,
+        len(classes),
+        train_x,
+        torch.tensor(train.labels, dtype=torch.int64),
+        test_x,
+        torch.tensor(test.labels, dtype=torch.int64),
+    )
+    _write_cache(dirs, stem, key, classes, ds, prune=cache_dir is None)
+    log.info(
+        "%s: %d classes, %d train and %d test images of %s",
+        root,
+        len(classes),
+        len(train.files),
+        len(test.files),
+        "x".join(map(str, train_x.shape[1:])),
+    )
+    return ds
+
+
+def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel (mean, std) of uint8 images (N, C, H, W) on the 0..1 pixel scale, over every
+    pixel of every image; std is the population one (divides by the count, not count - 1).
+
+    Sums of x and x^2 in float64, a few million pixels at a time (no float copy of the set);
+    they are exact integers below 2^53, so the result is exact to float64 rounding."""
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.numel() == 0:
+        raise ValueError(
+            f"channel_stats needs non-empty uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}"
+        )
+    c = x.shape[1]
+    step = max(1, STATS_CHUNK // x[0].numel())  # images per chunk
+    total = torch.zeros(c, dtype=torch.float64)
+    squares = torch.zeros(c, dtype=torch.float64)
+    for start in range(0, len(x), step):
+        part = x[start : start + step].to(torch.float64)
+        total += part.sum((0, 2, 3))
+        squares += part.square_().sum((0, 2, 3))
+    count = x.numel() // c
+    mean = total / count
+    std = (squares / count - mean * mean).clamp(min=0).sqrt()
+    return (mean / 255).tolist(), (std / 255).tolist()
+
+
+# ---------------------------------------------------------------- the folder's files
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name.lower() in IGNORED_NAMES
+
+
+def _classes(split: Path) -> list[str]:
+    """The sorted class folder names of a split; a file directly in it is a layout error."""
+    names = []
+    for entry in sorted(split.iterdir()):
+        if _hidden(entry.name):
+            continue
+        if not entry.is_dir():
+            raise DataError(f"{entry}: a file directly in {split.name}/; {LAYOUT}")
+        names.append(entry.name)
+    if not names:
+        raise DataError(f"{split}: no class folders in it; {LAYOUT}")
+    return names
+
+
+def _list_split(split: Path, classes: list[str]) -> _Split:
+    """Every image of the split's class folders (recursively, hidden names skipped)."""
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        folder = split / name
+        if not folder.is_dir():
+            continue  # a train class without test images: warned about by the caller
+        found = []
+        for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+            dirnames[:] = [d for d in dirnames if not _hidden(d)]
+            for f in filenames:
+                if _hidden(f):
+                    continue
+                path = Path(dirpath) / f
+                if path.suffix.lower() not in SUFFIXES:
+                    raise DataError(
+                        f"{path}: not a PNG or JPEG name (.png .jpg .jpeg); convert it, move "
+                        "it out, or hide it (a name starting with '.')"
+                    )
+                found.append(path)
+        if not found:
+            raise DataError(f"{folder}: class {name!r} has no images in {split.name}/")
+        found.sort()
+        files += found
+        labels += [label] * len(found)
+    return _Split(files, labels)
+
+
+def _cache_key(root: Path, train: _Split, test: _Split, image_size: int | None) -> str:
+    """sha256 over the format version, image_size and each image's relative path, label, size
+    and mtime (ns): any change to what would be decoded changes the key."""
+    h = hashlib.sha256(f"mwn-image-folder {FORMAT_VERSION} {image_size}\n".encode())
+    for split in (train, test):
+        for path, label in zip(split.files, split.labels):
+            st = path.stat()
+            rel = path.relative_to(root).as_posix()
+            h.update(f"{rel}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name) or "images"
+
+
+def _default_cache_dirs(root: Path) -> list[Path]:
+    user = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mwn"
+    return [root / ".mwn-cache", user]
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def _decode(path: Path, image_size: int | None) -> np.ndarray:
+    """One image as uint8 (H, W) if greyscale, else (H, W, 3); resized when image_size is set."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode.startswith("I;16") or img.mode == "I":  # 16-bit grey: keep the high byte
+                grey = np.asarray(img).astype(np.int64).clip(0, 65535) >> 8
+                img = Image.fromarray(grey.astype(np.uint8), mode="L")
+            elif img.mode != "L":
+                img = img.convert("L" if img.mode in GREY_MODES else "RGB")
+            if image_size is not None and img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+            return np.asarray(img, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line
+        raise DataError(f"{path}: not a readable PNG or JPEG image ({reason})") from e
+
+
+def _decode_all(
+    root: Path, train: _Split, test: _Split, image_size: int | None, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode both splits into uint8 (N, C, H, W): 1 channel while every image so far is grey,
+    3 (greys replicated, as PIL's L -> RGB) from the first colour image on."""
+    from tqdm import tqdm
+
+    first: tuple[Path, tuple[int, int]] | None = None  # (file, (H, W)) every image must match
+    bar = tqdm(
+        total=len(train.files) + len(test.files),
+        desc=f"decoding {root.name}",
+        unit="img",
+        dynamic_ncols=True,
+        disable=not progress,
+    )
+    out = []
+    with bar:
+        for split in (train, test):
+            buf: np.ndarray | None = None
+            for i, path in enumerate(split.files):
+                a = _decode(path, image_size)
+                if first is None:
+                    first = (path, a.shape[:2])
+                elif a.shape[:2] != first[1]:
+                    (h0, w0), (h, w) = first[1], a.shape[:2]
+                    raise DataError(
+                        f"{first[0]} is {w0}x{h0} but {path} is {w}x{h}: images differ in size; "
+                        "set data.image_size=N to resize every image to N x N"
+                    )
+                if buf is None:
+                    buf = np.empty((len(split.files), 1, *a.shape[:2]), dtype=np.uint8)
+                if a.ndim == 3 and buf.shape[1] == 1:
+                    buf = np.repeat(buf, 3, axis=1)  # the first colour image: grey so far -> RGB
+                buf[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a
+                bar.update()
+            out.append(buf)
+    train_x, test_x = out
+    if train_x.shape[1] != test_x.shape[1]:  # one split all grey, the other not: RGB for both
+        train_x, test_x = (np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a for a in out)
+    return torch.from_numpy(train_x), torch.from_numpy(test_x)
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def _read_cache(path: Path, key: str, classes: list[str]) -> ImageSet | None:
+    """The cached set if `path` holds a well-formed cache for `key`, else None (with a warning
+    when a file is there but unusable)."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        xs, ys = (entry["train_x"], entry["test_x"]), (entry["train_y"], entry["test_y"])
+        ok = (
+            entry["version"] == FORMAT_VERSION
+            and entry["key"] == key
+            and entry["classes"] == classes
+            and all(x.dtype == torch.uint8 and x.dim() == 4 for x in xs)
+            and xs[0].shape[1:] == xs[1].shape[1:]
+            and all(y.dtype == torch.int64 and y.shape == (len(x),) for x, y in zip(xs, ys))
+        )
+    except Exception as e:  # truncated, not a torch file, missing keys: rebuild
+        log.warning(
+            "%s: unreadable cache ignored, rebuilding (%s: %s)",
+            path,
+            type(e).__name__,
+            " ".join(str(e).split())[:200],
+        )
+        return None
+    if not ok:
+        log.warning("%s: cache does not match the folder, ignored, rebuilding", path)
+        return None
+    return ImageSet(entry["name"], len(classes), xs[0], ys[0], xs[1], ys[1])
+
+
+def _write_cache(
+    dirs: list[Path], stem: str, key: str, classes: list[str], ds: ImageSet, prune: bool
+) -> None:
+    """torch.save to a temporary file then os.replace (readers never see half a file), in the
+    first of `dirs` that can be written. With `prune` (root's own cache folder), older caches of
+    the same image_size are removed: they describe contents the folder no longer has."""
+    entry = {
+        "version": FORMAT_VERSION,
+        "key": key,
+        "name": ds.name,
+        "classes": classes,
+        "train_x": ds.train_x,
+        "train_y": ds.train_y,
+        "test_x": ds.test_x,
+        "test_y": ds.test_y,
+    }
+    for n, folder in enumerate(dirs):
+        tmp = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(entry, f)
+            os.replace(tmp, folder / f"{stem}.pt")
+        except OSError as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            log.warning(
+                "cannot write the image cache in %s (%s)%s",
+                folder,
+                e,
+                "; trying the next" if n + 1 < len(dirs) else "; not cached",
+            )
+            continue
+        if n > 0:
+            log.info("image cache written to %s (%s is not writable)", folder, dirs[0])
+        else:
+            log.info("image cache written to %s", folder / f"{stem}.pt")
+        if prune and n == 0:
+            for old in folder.glob(f"{stem.rsplit('-', 1)[0]}-*.pt"):
+                if old.name != f"{stem}.pt":
+                    old.unlink(missing_ok=True)
+        return
