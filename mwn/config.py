@@ -40,7 +40,8 @@ Device = Choice("Device", [(v, v) for v in ("auto", "cpu", "cuda", "mps")])
 Logger = Choice("Logger", [(v, v) for v in ("none", "tensorboard")])
 Progress = Choice("Progress", [(v, v) for v in ("auto", "bar", "log", "none")])
 DatasetName = Choice(
-    "DatasetName", [(v, v) for v in ("digits", "fashion_mnist", "cifar10", "cifar100")]
+    "DatasetName",
+    [(v, v) for v in ("digits", "fashion_mnist", "cifar10", "cifar100", "image_folder")],
 )
 
 
@@ -49,8 +50,9 @@ class DatasetConfig:
     name: DatasetName = MISSING
     root: str = MISSING  # folder of downloaded datasets, relative to the launch directory
     download: bool = MISSING
-    mean: list[float] = MISSING  # per channel, pixel scale 0..1
-    std: list[float] = MISSING
+    image_size: Optional[int] = None  # noqa: UP045  image_folder: resize every image to N x N
+    mean: Optional[list[float]] = MISSING  # noqa: UP045  per channel, pixel scale 0..1; null:
+    std: Optional[list[float]] = MISSING  # noqa: UP045  computed from the training split
     crop_padding: int = MISSING  # random crop with this zero padding (pixels); 0 = none
     flip: bool = MISSING  # random horizontal flip
 
@@ -165,6 +167,11 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
             shown = str(value).lower() if isinstance(value, bool) else value
             raise ConfigError(f"{key}={shown}: allowed values are {allowed}")
 
+    if OmegaConf.is_missing(cfg.dataset, "root"):
+        raise ConfigError(
+            "dataset.root: required with dataset=image_folder (a folder holding "
+            "train/<class>/ and test/<class>/ images)"
+        )
     need(not (cfg.fp16 and cfg.bf16), "bf16", "false with fp16=true (one precision at a time)")
     for amp in ("fp16", "bf16"):
         need(
@@ -190,6 +197,13 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     need(all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", "lists of iterations >= 1")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
+    size = cfg.dataset.image_size
+    need(size is None or size >= 1, "dataset.image_size", "null or integers >= 1")
+    need(
+        (cfg.dataset.mean is None) == (cfg.dataset.std is None),
+        "dataset.std",
+        "null exactly when dataset.mean is null",
+    )
     if cfg.model.arch == "resnet":
         need(
             cfg.model.depth >= 8 and (cfg.model.depth - 2) % 6 == 0,

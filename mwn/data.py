@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
-DATASETS = ("digits", "fashion_mnist", "cifar10", "cifar100")
 
 
 class DataError(ValueError):
@@ -48,14 +47,25 @@ class ImageSet:
 # ---------------------------------------------------------------- readers
 
 
-def load_dataset(name: str, root: str | Path, download: bool) -> ImageSet:
+def load_dataset(
+    name: str,
+    root: str | Path,
+    download: bool,
+    image_size: int | None = None,
+    progress: bool = True,
+) -> ImageSet:
+    """The dataset named by `dataset.name` (its root, download and image_size settings)."""
+    if name == "image_folder":
+        from mwn.image_folder import load_image_folder
+
+        return load_image_folder(root, image_size, progress=progress)
     if name == "digits":
         return load_digits()
     if name == "fashion_mnist":
         return load_fashion_mnist(Path(root), download)
     if name in ("cifar10", "cifar100"):
         return load_cifar(Path(root), name, download)
-    raise DataError(f"dataset.name={name!r}: allowed values are {', '.join(DATASETS)}")
+    raise ValueError(f"unknown dataset {name!r}")  # the config's schema allows no other name
 
 
 def load_digits(test_per_class: int = 50) -> ImageSet:

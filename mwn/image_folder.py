@@ -67,10 +67,6 @@ def load_image_folder(
     """The images under root/train and root/test as an ImageSet named after the folder, from the
     cache when the folder has not changed since it was written (see the module docstring)."""
     root = Path(root).expanduser()
-    if image_size is not None and (
-        not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 1
-    ):
-        raise DataError(f"data.image_size={image_size}: allowed values are integers >= 1 or null")
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found ({LAYOUT})")
     for split in ("train", "test"):
@@ -267,7 +263,7 @@ def _decode_all(
                     (h0, w0), (h, w) = first[1], a.shape[:2]
                     raise DataError(
                         f"{first[0]} is {w0}x{h0} but {path} is {w}x{h}: images differ in size; "
-                        "set data.image_size=N to resize every image to N x N"
+                        "set dataset.image_size=N to resize every image to N x N"
                     )
                 if buf is None:
                     buf = np.empty((len(split.files), 1, *a.shape[:2]), dtype=np.uint8)

@@ -47,6 +47,7 @@ from mwn.evaluate import (
     weighting,
 )
 from mwn.fp16 import scaler_init
+from mwn.image_folder import channel_stats
 from mwn.meta import STEPS, StepHP
 from mwn.models import MetaNet, build_classifier, count_params, extract_state
 from mwn.monitor import Progress, TensorBoard
@@ -166,10 +167,23 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
 def build_data(cfg: DictConfig, device: torch.device) -> Data:
     """The meta set out of the training split, then the long tail, then label noise on the
     training labels only; all on the device."""
+    d = cfg.dataset
     images = load_dataset(
-        str(cfg.dataset.name), to_absolute_path(cfg.dataset.root), cfg.dataset.download
+        str(d.name),
+        to_absolute_path(d.root),
+        d.download,
+        d.image_size,
+        progress=cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty()),
     )
     C = images.num_classes
+    mean, std = d.mean, d.std
+    if mean is None:  # normalisation statistics of the whole training split
+        mean, std = channel_stats(images.train_x)
+        log.info(
+            "dataset.mean=%s dataset.std=%s: computed from the training split",
+            [round(m, 4) for m in mean],
+            [round(s, 4) for s in std],
+        )
     meta_idx, pool = split_meta(images.train_y, C, cfg.meta_per_class, cfg.seed)
     train_idx, counts = make_long_tail(images.train_y, pool, C, cfg.imbalance, cfg.seed)
     train_y, noisy, noise = apply_noise(
@@ -177,8 +191,7 @@ def build_data(cfg: DictConfig, device: torch.device) -> Data:
     )
 
     def on_device(x: torch.Tensor, y: torch.Tensor) -> DeviceImages:
-        mean, std = list(cfg.dataset.mean), list(cfg.dataset.std)
-        return DeviceImages(x, y, mean, std, device, channels_last=cfg.channels_last)
+        return DeviceImages(x, y, list(mean), list(std), device, channels_last=cfg.channels_last)
 
     data = Data(
         images.name,

@@ -197,11 +197,6 @@ def test_fashion_mnist_reads_idx_files_and_names_where_it_looked(tmp_path, monke
         load_fashion_mnist(tmp_path, download=False)
 
 
-def test_unknown_dataset_names_the_allowed_values():
-    with pytest.raises(DataError, match=r"dataset.name='svhn': allowed values are digits, "):
-        data.load_dataset("svhn", ".", False)
-
-
 def test_a_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
 

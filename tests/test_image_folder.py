@@ -1,6 +1,7 @@
 """mwn.image_folder on tiny PNG/JPEG folders written here with PIL: pixels, labels, channels,
 resizing, the cache and its invalidation, the one-line errors, and channel_stats."""
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -13,6 +14,8 @@ from PIL import Image
 from mwn import image_folder
 from mwn.data import DataError
 from mwn.image_folder import channel_stats, load_image_folder
+
+from conftest import run_cli
 
 
 def write_image(path: Path, pixels: np.ndarray, mode: str | None = None) -> np.ndarray:
@@ -142,14 +145,12 @@ def test_image_size_resizes_with_pil_bilinear_and_mixed_sizes_need_it(tmp_path, 
     assert "\n" not in msg
     assert msg == (
         f"{root / 'train/a/0.png'} is 12x10 but {root / 'train/a/1.png'} is 5x7: images differ "
-        "in size; set data.image_size=N to resize every image to N x N"
+        "in size; set dataset.image_size=N to resize every image to N x N"
     )
     ds = load_image_folder(root, image_size=6, progress=False)
     assert ds.train_x.shape == (2, 3, 6, 6) and ds.test_x.shape == (1, 3, 6, 6)
     want = np.asarray(Image.fromarray(a).resize((6, 6), Image.Resampling.BILINEAR))
     assert torch.equal(ds.train_x[0], chw(want))
-    with pytest.raises(DataError, match=r"data.image_size=0: allowed values are integers >= 1"):
-        load_image_folder(root, image_size=0, progress=False)
 
 
 def test_second_load_comes_from_the_cache_until_a_file_changes(tmp_path, no_user_cache, no_decode):
@@ -305,3 +306,40 @@ def test_channel_stats_match_numpy_population_std_across_chunks(monkeypatch):
     assert channel_stats(two) == ([0.5], [0.5])
     with pytest.raises(ValueError, match="uint8"):
         channel_stats(x.float())
+
+
+def test_cli_trains_on_an_image_folder_with_computed_normalisation(tmp_path):
+    """dataset=image_folder end to end: the folder's classes, long tail and meta split, mean
+    and std computed from the training split; a missing root is a one-line error."""
+    root = tmp_path / "set"
+    make_rgb_folder(root, {c: (14, 2) for c in "abc"}, shape=(8, 8))
+    out = tmp_path / "run"
+    args = [
+        "dataset=image_folder",
+        f"dataset.root={root}",
+        "model=resnet8",
+        "model.width=4",
+        "meta_per_class=2",
+        "imbalance=4",
+        "batch_size=8",
+        "meta_batch_size=6",
+        "train_iters=2",
+        "val_every=2",
+        "device=cpu",
+        f"hydra.run.dir={out}",
+    ]
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dataset"] == "set" and summary["test_size"] == 6
+    assert summary["train_class_counts"] == [12, 6, 3]  # 12 * 4^(-c/2)
+    x = torch.stack([chw(np.asarray(Image.open(p))) for p in sorted(root.glob("train/*/*"))])
+    mean, _ = channel_stats(x)
+    assert f"dataset.mean={[round(m, 4) for m in mean]}" in proc.stdout + proc.stderr
+    missing = run_cli("dataset=image_folder", f"hydra.run.dir={tmp_path / 'r2'}", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert (
+        missing.stderr.strip()
+        .splitlines()[-1]
+        .startswith("mwn: error: dataset.root: required with dataset=image_folder")
+    )
