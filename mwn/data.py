@@ -128,7 +128,7 @@ def _find_fashion_mnist(root: Path) -> list[Path] | None:
 
 def load_fashion_mnist(root: Path, download: bool) -> ImageSet:
     """Fashion-MNIST from `root` (torchvision's layout or the plain files), from Debian's
-    `dataset-fashion-mnist` package, or downloaded by torchvision when `data.download=true`."""
+    `dataset-fashion-mnist` package, or downloaded by torchvision when `dataset.download=true`."""
     files = _find_fashion_mnist(root)
     if files is None and download:
         from torchvision.datasets import FashionMNIST
@@ -139,7 +139,7 @@ def load_fashion_mnist(root: Path, download: bool) -> ImageSet:
         raise DataError(
             f"Fashion-MNIST not found: expected {', '.join(FASHION_FILES)} (or .gz) in "
             f"{root / 'FashionMNIST' / 'raw'}, {root} or {DEBIAN_FASHION_MNIST}; set "
-            "data.download=true, data.root=<folder>, or install Debian's dataset-fashion-mnist"
+            "dataset.download=true, dataset.root=<folder>, or install Debian's dataset-fashion-mnist"
         )
     log.info("Fashion-MNIST from %s", files[0].parent)
     tr_x, tr_y, te_x, te_y = (torch.from_numpy(_read_idx(p).astype(np.int64)) for p in files)
@@ -166,8 +166,8 @@ def load_cifar(root: Path, name: str, download: bool) -> ImageSet:
     if missing:
         raise DataError(
             f"{name} files not found in {folder}: missing {', '.join(missing)} (the CIFAR python "
-            "version, https://www.cs.toronto.edu/~kriz/cifar.html); set data.download=true or "
-            "data.root=<folder holding "
+            "version, https://www.cs.toronto.edu/~kriz/cifar.html); set dataset.download=true or "
+            "dataset.root=<folder holding "
             f"{tv.base_folder}>"
         )
     label_key = b"labels" if name == "cifar10" else b"fine_labels"
@@ -202,8 +202,8 @@ def _download(fetch, what: str, root: Path) -> None:
         fetch()
     except (OSError, RuntimeError) as e:  # URLError is an OSError; bad checksums a RuntimeError
         raise DataError(
-            f"data.download=true: downloading {what} into {root} failed ({e}); "
-            "download it elsewhere and set data.root=<folder>"
+            f"dataset.download=true: downloading {what} into {root} failed ({e}); "
+            "download it elsewhere and set dataset.root=<folder>"
         ) from e
 
 

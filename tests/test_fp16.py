@@ -9,13 +9,14 @@ import pytest
 import torch
 from torch.utils._pytree import tree_structure
 
-from conftest import rel_err, step_hp
 from mwn import fp16
 from mwn.distributed import LOCAL
 from mwn.fp16 import scaler_init
 from mwn.meta import Sums, erm_step, jvp_meta_grad, mwn_step, train_pass
 from mwn.models import MetaNet, ResNet, extract_state
 from mwn.optim import adam_init, sgd_init
+
+from conftest import rel_err, step_hp
 
 LR = 0.3
 # the settings these tolerances were measured with (momentum, no normalisation)
