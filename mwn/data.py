@@ -138,8 +138,8 @@ def load_fashion_mnist(root: Path, download: bool) -> ImageSet:
     if files is None:
         raise DataError(
             f"Fashion-MNIST not found: expected {', '.join(FASHION_FILES)} (or .gz) in "
-            f"{root / 'FashionMNIST' / 'raw'}, {root} or {DEBIAN_FASHION_MNIST}; set "
-            "dataset.download=true, dataset.root=<folder>, or install Debian's dataset-fashion-mnist"
+            f"{root / 'FashionMNIST' / 'raw'}, {root} or {DEBIAN_FASHION_MNIST}; set dataset."
+            "download=true, dataset.root=<folder>, or install Debian's dataset-fashion-mnist"
         )
     log.info("Fashion-MNIST from %s", files[0].parent)
     tr_x, tr_y, te_x, te_y = (torch.from_numpy(_read_idx(p).astype(np.int64)) for p in files)
