@@ -216,13 +216,18 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
             "model.depth",
             "6n + 4 >= 10 for model.arch=wrn (10, 16, 22, 28, 34, 40)",
         )
-    if world := torchrun_world:  # global batches split evenly; the reference is one-process
-        procs = f"torchrun's {world} process{'es' if world > 1 else ''}"
-        for key in ("batch_size", "meta_batch_size"):
-            need(cfg[key] % world == 0, key, f"multiples of the number of {procs}")
-        need(cfg.meta_grad == "jvp", "meta_grad", f"jvp under {procs}")
-        for key in ("compile", "cuda_graphs"):
-            need(not cfg[key], key, f"false under {procs} (not supported yet)")
+    if torchrun_world:
+        _check_torchrun(cfg, torchrun_world, need)
+
+
+def _check_torchrun(cfg: DictConfig, world: int, need) -> None:
+    """Global batches split evenly over the processes; the reference is one-process."""
+    procs = f"torchrun's {world} process{'es' if world > 1 else ''}"
+    for key in ("batch_size", "meta_batch_size"):
+        need(cfg[key] % world == 0, key, f"multiples of the number of {procs}")
+    need(cfg.meta_grad == "jvp", "meta_grad", f"jvp under {procs}")
+    for key in ("compile", "cuda_graphs"):
+        need(not cfg[key], key, f"false under {procs} (not supported yet)")
 
 
 FP16_DEVICES = ("cuda",)  # CPU autocast runs fp16 too, but far slower than fp32

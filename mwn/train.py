@@ -36,7 +36,15 @@ from mwn.config import (
     pick_device,
     register_schema,
 )
-from mwn.data import DataError, DeviceImages, Sampler, load_dataset, make_long_tail, split_meta
+from mwn.data import (
+    DataError,
+    DeviceImages,
+    ImageSet,
+    Sampler,
+    load_dataset,
+    make_long_tail,
+    split_meta,
+)
 from mwn.distributed import LOCAL, ONE, AllReduce, Ranks, process_group, ranks_from_env
 from mwn.evaluate import (
     SHOT_GROUPS,
@@ -167,23 +175,8 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
 def build_data(cfg: DictConfig, device: torch.device) -> Data:
     """The meta set out of the training split, then the long tail, then label noise on the
     training labels only; all on the device."""
-    d = cfg.dataset
-    images = load_dataset(
-        str(d.name),
-        to_absolute_path(d.root),
-        d.download,
-        d.image_size,
-        progress=cfg.progress == "bar" or (cfg.progress == "auto" and sys.stderr.isatty()),
-    )
+    images, mean, std = read_images(cfg)
     C = images.num_classes
-    mean, std = d.mean, d.std
-    if mean is None:  # normalisation statistics of the whole training split
-        mean, std = channel_stats(images.train_x)
-        log.info(
-            "dataset.mean=%s dataset.std=%s: computed from the training split",
-            [round(m, 4) for m in mean],
-            [round(s, 4) for s in std],
-        )
     meta_idx, pool = split_meta(images.train_y, C, cfg.meta_per_class, cfg.seed)
     train_idx, counts = make_long_tail(images.train_y, pool, C, cfg.imbalance, cfg.seed)
     train_y, noisy, noise = apply_noise(
@@ -191,40 +184,43 @@ def build_data(cfg: DictConfig, device: torch.device) -> Data:
     )
 
     def on_device(x: torch.Tensor, y: torch.Tensor) -> DeviceImages:
-        return DeviceImages(x, y, list(mean), list(std), device, channels_last=cfg.channels_last)
+        return DeviceImages(x, y, mean, std, device, channels_last=cfg.channels_last)
 
-    data = Data(
-        images.name,
-        C,
-        on_device(images.train_x[train_idx], train_y),
-        on_device(images.train_x[meta_idx], images.train_y[meta_idx]),
-        on_device(images.test_x, images.test_y),
-        counts,
-        noisy,
-        noise,
-    )
+    train_set = on_device(images.train_x[train_idx], train_y)
+    meta_set = on_device(images.train_x[meta_idx], images.train_y[meta_idx])
+    test_set = on_device(images.test_x, images.test_y)
+    data = Data(images.name, C, train_set, meta_set, test_set, counts, noisy, noise)
     log.info(
-        "%s: %d train (per class %s), %d meta, %d test; device %s",
-        data.name,
-        len(data.train),
-        counts,
-        len(data.meta),
-        len(data.test),
-        device,
+        f"{data.name}: {len(train_set)} train (per class {counts}), {len(meta_set)} meta, "
+        f"{len(test_set)} test; device {device}"
     )
     if cfg.noise != "none":
         log.info(
-            "noise=%s noise_rate=%g: %d of %d training labels corrupted (noise.json)",
-            cfg.noise,
-            cfg.noise_rate,
-            noise["corrupted"],
-            len(data.train),
+            f"noise={cfg.noise} noise_rate={cfg.noise_rate:g}: {noise['corrupted']} of "
+            f"{len(train_set)} training labels corrupted (noise.json)"
         )
+        # a fixed subset of the training set on which clean and noisy weights are compared
         g = seeds.generator(cfg.seed, "noise_probe")
-        probe = torch.randperm(len(data.train), generator=g)[:NOISE_PROBE].sort().values
+        probe = torch.randperm(len(train_set), generator=g)[:NOISE_PROBE].sort().values
         data.probe = on_device(images.train_x[train_idx[probe]], train_y[probe])
         data.probe_noisy = noisy[probe]
     return data
+
+
+def read_images(cfg: DictConfig) -> tuple[ImageSet, list[float], list[float]]:
+    """The dataset as read from disk, and its normalisation mean and std (computed from the
+    whole training split when the config gives none)."""
+    d, tty = cfg.dataset, sys.stderr.isatty()
+    bar = cfg.progress == "bar" or (cfg.progress == "auto" and tty)
+    images = load_dataset(str(d.name), to_absolute_path(d.root), d.download, d.image_size, bar)
+    if d.mean is not None:
+        return images, list(d.mean), list(d.std)
+    mean, std = channel_stats(images.train_x)
+    rounded = lambda v: [round(x, 4) for x in v]
+    log.info(
+        f"dataset.mean={rounded(mean)} dataset.std={rounded(std)}: computed from the training split"
+    )
+    return images, mean, std
 
 
 class Batches:

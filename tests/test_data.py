@@ -150,8 +150,11 @@ def test_cifar_reader_accepts_batches_pickled_by_python3_with_str_keys(tmp_path)
     assert torch.equal(ds.train_x.flatten(1), torch.from_numpy(first[b"data"]))
     assert ds.test_y.tolist() == originals["test"][b"fine_labels"]
     (folder / "test").write_bytes(pickle.dumps({"data": first[b"data"], "labels": [0]}))
-    with pytest.raises(DataError, match=r"test: malformed CIFAR batch, needs keys 'data' and "
-                                         r"'fine_labels'"):  # fmt: skip
+    with pytest.raises(
+        DataError,
+        match=r"test: malformed CIFAR batch, needs keys 'data' and "
+        r"'fine_labels'",
+    ):
         load_cifar(tmp_path, "cifar100", download=False)
 
 
