@@ -29,12 +29,21 @@ from mwn.accel import channels_last, make_step
 from mwn.config import compose_config
 from mwn.data import DeviceImages, Sampler
 from mwn.fp16 import scaler_init
-from mwn.meta import STEPS, StepHP
+from mwn.meta import StepHP
+from mwn.methods import STEPS
 from mwn.models import MetaNet, ResNet, extract_state
 from mwn.optim import adam_init, sgd_init
 from mwn.seeds import Stream, step_generator
 
-VARIANTS = ("erm", "mwn", "mwn_no_rollback", "double_backward")
+VARIANTS = (
+    "erm",
+    "mwn",
+    "mwn_no_rollback",
+    "double_backward",
+    "l2rw",
+    "focal",
+    "class_balanced",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -98,6 +107,7 @@ def setup(args: argparse.Namespace) -> dict:
     }
     if args.fp16:
         state["scaler"] = scaler_init(device=device)
+    state["class_weights"] = torch.ones(args.classes, device=device)  # class_balanced
     images = torch.randint(0, 256, (50_000, c, h, w), dtype=torch.uint8)
     labels = torch.randint(0, args.classes, (50_000,))
     data = DeviceImages(
@@ -115,6 +125,9 @@ def setup(args: argparse.Namespace) -> dict:
         "mwn": (STEPS["mwn"], replace(hp, rollback=True, meta_grad="jvp")),
         "mwn_no_rollback": (STEPS["mwn"], replace(hp, rollback=False, meta_grad="jvp")),
         "double_backward": (STEPS["mwn"], replace(hp, rollback=True, meta_grad="double_backward")),
+        "l2rw": (STEPS["l2rw"], hp),
+        "focal": (STEPS["focal"], hp),
+        "class_balanced": (STEPS["class_balanced"], hp),
     }
     steps = {
         name: make_step(fn, model, meta_net, shp, args.compile, args.cuda_graphs)

@@ -32,7 +32,7 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
-Method = Choice("Method", [(v, v) for v in ("mwn", "erm")])
+Method = Choice("Method", [(v, v) for v in ("mwn", "erm", "focal", "class_balanced", "l2rw")])
 MetaGrad = Choice("MetaGrad", [(v, v) for v in ("jvp", "double_backward")])
 Noise = Choice("Noise", [(v, v) for v in ("none", "uniform", "flip", "flip2")])
 Arch = Choice("Arch", [(v, v) for v in ("resnet", "wrn")])
@@ -86,7 +86,11 @@ class Config:
     meta_per_class: int = MISSING
     noise: Noise = MISSING
     noise_rate: float = MISSING
+    focal_gamma: float = MISSING
+    class_balanced_beta: float = MISSING
     train_iters: int = MISSING
+    epochs: Optional[int] = MISSING  # noqa: UP045
+    lr_epochs: Optional[list[int]] = MISSING  # noqa: UP045
     batch_size: int = MISSING
     meta_batch_size: int = MISSING
     lr: float = MISSING
@@ -104,6 +108,7 @@ class Config:
     fp16: bool = MISSING
     bf16: bool = MISSING
     meta_grad: MetaGrad = MISSING
+    meta_interval: int = MISSING
     channels_last: bool = MISSING
     compile: bool = MISSING
     cuda_graphs: bool = MISSING
@@ -153,6 +158,7 @@ POSITIVE_INTS = (
     "eval_batch_size",
     "checkpoint_every",
     "model.width",
+    "meta_interval",
 )
 
 
@@ -194,6 +200,15 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     for key in ("weight_decay", "meta_weight_decay", "momentum"):
         need(OmegaConf.select(cfg, key) >= 0, key, "real numbers >= 0")
     need(0 < cfg.lr_gamma <= 1, "lr_gamma", "real numbers in (0, 1]")
+    need(cfg.epochs is None or cfg.epochs >= 1, "epochs", "null or integers >= 1")
+    need(
+        cfg.lr_epochs is None or all(e >= 1 for e in cfg.lr_epochs),
+        "lr_epochs",
+        "null or lists of epochs >= 1",
+    )
+    need(cfg.focal_gamma >= 0, "focal_gamma", "real numbers >= 0")
+    need(0 <= cfg.class_balanced_beta < 1, "class_balanced_beta", "real numbers in [0, 1)")
+    need(cfg.meta_interval == 1 or cfg.method == "mwn", "meta_interval", "1 unless method=mwn")
     need(all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", "lists of iterations >= 1")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
@@ -254,7 +269,7 @@ def _mps() -> bool:
     return torch.backends.mps.is_available()
 
 
-GROUPS = ("dataset", "model", "device", "logger")
+GROUPS = ("dataset", "model", "device", "logger", "experiment")
 
 
 def check_command_line(argv: list[str], conf_dir: Path) -> str | None:

@@ -57,6 +57,7 @@ class StepHP:
     fp16: bool  # float16 autocast for the classifier, dynamic loss scaling
     bf16: bool  # bfloat16 autocast for the classifier (fp32's range: no loss scaling)
     meta_grad: str  # a key of META_GRADS
+    focal_gamma: float  # method=focal: the exponent of (1 - p)
 
     @classmethod
     def from_config(cls, cfg) -> StepHP:
@@ -355,5 +356,32 @@ def erm_step(
     return new_state, {"loss": loss, "weighted_loss": loss}
 
 
-# method (the `method` setting) -> step function with mwn_step's signature
-STEPS: dict[str, Callable[..., tuple[dict, dict]]] = {"mwn": mwn_step, "erm": erm_step}
+def mwn_weighted_step(
+    model: nn.Module,
+    meta_net: nn.Module,
+    state: dict,
+    batch: Batch,
+    meta_batch: Batch | None,
+    lr: float,
+    hp: StepHP,
+    reduce: Reduce = LOCAL,
+) -> tuple[dict, dict]:
+    """An iteration between meta-net updates (meta_interval > 1): the classifier step on the
+    weights of the current meta-net; the meta-net and its Adam state stay as they are."""
+    n = batch[1].shape[0] * reduce.world
+    sums = Sums(state["scaler"]["scale"] if hp.fp16 else 1.0, reduce)
+    train = train_pass(model, meta_net, state, batch, hp, reduce)
+    g = sums.pull(train.pullback, train.weights, n)
+    params, momentum = hp.sgd(state["params"], g, state["momentum"], lr)
+    new_state = {
+        **state,
+        "params": params,
+        "buffers": reduce.buffers(train.new_buffers),
+        "momentum": momentum,
+    }
+    if hp.fp16:
+        new_state = skip_if_overflow(state, new_state, params)
+    losses, weights = train.losses, train.weights
+    means = [losses.mean(), (weights * losses).mean(), weights.mean()]
+    means = reduce.sum([torch.stack(means) / reduce.world])[0]
+    return new_state, {"loss": means[0], "weighted_loss": means[1], "mean_weight": means[2]}

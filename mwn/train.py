@@ -23,10 +23,11 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import to_absolute_path
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, read_write
 
 from mwn import checkpoint, seeds
 from mwn.accel import channels_last, make_step
+from mwn.baselines import class_balanced_weights
 from mwn.batchnorm import synchronised
 from mwn.config import (
     CONF_DIR,
@@ -56,7 +57,8 @@ from mwn.evaluate import (
 )
 from mwn.fp16 import scaler_init
 from mwn.image_folder import channel_stats
-from mwn.meta import STEPS, StepHP
+from mwn.meta import StepHP
+from mwn.methods import BETWEEN_META_STEPS, NEEDS_META_BATCH, STEPS
 from mwn.models import MetaNet, build_classifier, count_params, extract_state
 from mwn.monitor import Progress, TensorBoard
 from mwn.noise import apply_noise
@@ -115,6 +117,12 @@ class Run:
     step: object  # (state, batch, meta_batch, lr) -> (state, metrics); mwn.accel.make_step
     batches: Batches
     settings: dict = field(default_factory=dict)  # the resolved config, kept in checkpoints
+    between: object = None  # meta_interval > 1: the step of the iterations between meta updates
+
+    def step_at(self, it: int):
+        """The step of iteration `it` (the meta update every meta_interval-th iteration)."""
+        meta_update = self.between is None or it % self.cfg.meta_interval == 0
+        return self.step if meta_update else self.between
 
 
 def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
@@ -134,6 +142,7 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     data = build_data(cfg, device)
+    resolve_schedule(cfg, len(data.train) // cfg.batch_size)
     seeds.seed_globals(cfg.seed)  # the initial weights (mwn.seeds)
     m = cfg.model
     model = build_classifier(
@@ -145,9 +154,13 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
     # collectives run on every rank, so rank 0's validation uses the plain model)
     step_model = synchronised(model) if cfg.sync_bn and ranks.torchrun else model
     reduce = AllReduce(ranks.world, cfg.sync_bn) if ranks.torchrun else LOCAL
-    step = make_step(
-        STEPS[str(cfg.method)], step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce
-    )
+    steps = [STEPS[str(cfg.method)]]  # the step; with meta_interval > 1 also the one between
+    if cfg.meta_interval > 1:
+        steps.append(BETWEEN_META_STEPS[str(cfg.method)])
+    step, *between = [
+        make_step(fn, step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce)
+        for fn in steps
+    ]
     log.info(
         "%s: %s-%d, %d parameters; meta-net %d parameters",
         cfg.method,
@@ -169,7 +182,35 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
         )
     settings = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     batches = Batches(cfg, data, ranks, device)
-    return Run(cfg, out_dir, ranks, device, data, model, meta_net, hp, step, batches, settings)
+    return Run(
+        cfg,
+        out_dir,
+        ranks,
+        device,
+        data,
+        model,
+        meta_net,
+        hp,
+        step,
+        batches,
+        settings,
+        between[0] if between else None,
+    )
+
+
+def resolve_schedule(cfg: DictConfig, per_epoch: int) -> None:
+    """epochs / lr_epochs, when set, become train_iters / lr_milestones (iterations)."""
+    if cfg.epochs is None and cfg.lr_epochs is None:
+        return
+    with read_write(cfg):
+        if cfg.epochs is not None:
+            cfg.train_iters = cfg.epochs * per_epoch
+        if cfg.lr_epochs is not None:
+            cfg.lr_milestones = [e * per_epoch for e in cfg.lr_epochs]
+    log.info(
+        f"{per_epoch} iterations per epoch: train_iters={cfg.train_iters}, "
+        f"lr_milestones={list(cfg.lr_milestones)}"
+    )
 
 
 def build_data(cfg: DictConfig, device: torch.device) -> Data:
@@ -245,7 +286,7 @@ class Batches:
         gen = seeds.step_generator(seed, Stream.TRAIN_AUG, it, self.device)
         batch = self.data.train.batch(idx, *self.aug, gen, self.rows)
         meta_batch = None
-        if self.cfg.method == "mwn":
+        if self.cfg.method in NEEDS_META_BATCH and it % self.cfg.meta_interval == 0:
             gen = seeds.step_generator(seed, Stream.META_AUG, it, self.device)
             meta_batch = self.data.meta.batch(self.meta.indices(it), *self.aug, gen, self.meta_rows)
         return batch, meta_batch, idx[self.rows]
@@ -266,6 +307,9 @@ def initial_state(run: Run) -> dict:
     }
     if run.cfg.fp16:
         state["scaler"] = scaler_init(device=run.device)
+    if run.cfg.method == "class_balanced":  # a constant of the run
+        weights = class_balanced_weights(run.data.counts, run.cfg.class_balanced_beta)
+        state["class_weights"] = weights.to(run.device)
     return state
 
 
@@ -320,12 +364,13 @@ def loop(run: Run, state: dict, tally: Tally, recorder: Recorder) -> tuple[dict,
         batch, meta_batch, batch_index = run.batches(it)
 
         # one iteration: weights, lookahead, meta-gradient, meta update, classifier update
-        state, metrics = run.step(state, batch, meta_batch, lr)
+        step = run.step_at(it)
+        state, metrics = step(state, batch, meta_batch, lr)
 
         # a non-finite loss or meta-gradient stops an fp32 run (fp16 skips such steps); the
         # metrics are global sums, the same on every rank, so every rank stops
         if not cfg.fp16 and (bad := non_finite(metrics)):
-            path = recorder.checkpoint(it, run.step.last_state, tally)
+            path = recorder.checkpoint(it, step.last_state, tally)
             raise NonFinite(
                 f"iteration {it + 1}: non-finite {', '.join(bad)} at lr {lr:g}; "
                 f"checkpoint of the last good state: {path}"

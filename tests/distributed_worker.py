@@ -13,7 +13,7 @@ import torch
 
 from mwn.batchnorm import synchronised
 from mwn.distributed import LOCAL, AllReduce, process_group, ranks_from_env
-from mwn.meta import STEPS as STEP_FUNCTIONS
+from mwn.methods import STEPS as STEP_FUNCTIONS
 from mwn.models import MetaNet, ResNet, extract_state
 from mwn.optim import adam_init
 
