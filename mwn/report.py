@@ -5,6 +5,9 @@ can be compared without re-training; Hydra calls `SweepSummary` when a multirun 
 
 A job's row comes from its folder: `.hydra/overrides.yaml` (what the job changed),
 `summary.json` (a finished job) or `error.json` (a failed one, written by mwn.train).
+
+With `--paper`, the final test accuracy is set beside the published one (mwn.paper) for the
+dataset, imbalance or label noise and method that each job's summary.json names.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from mwn import paper
 
 log = logging.getLogger(__name__)
 # summary.json names of earlier releases, read as today's (run folders written before a rename)
@@ -50,6 +55,16 @@ HEADS = {
     "final_noise_auc": "noise AUC",
 }
 OPTIONAL = ("final_noise_auc",)  # shown when some job has it (label-noise runs of MWN)
+# what a job ran, from its summary.json (defaults included): the key of the published accuracy
+RUN_KEYS = ("dataset", "imbalance", "noise", "noise_rate", "method")
+PAPER_FIELDS = ("paper_test_acc", "delta_to_paper")  # CSV columns with --paper
+PAPER_NOTE = (
+    "paper: the published final test accuracy of Shu et al., NeurIPS 2019 (Meta-Weight-Net, "
+    "ResNet32: Table 1, and flip noise on CIFAR-10) for the dataset, imbalance or label noise "
+    "and method of the runs (their summary.json); Δ = our final minus paper. The paper reports "
+    "the accuracy at the end of training, so it is compared with final, not best; "
+    "- where it has no such number (or the seeds of a row ran different settings)."
+)
 
 
 def shown(rows: list[dict]) -> tuple[str, ...]:
@@ -70,7 +85,35 @@ def read_job(folder: Path) -> dict:
         summary = current_names(json.loads((folder / "summary.json").read_text()))
         row.update(status="done", wall_time_s=summary["wall_time_s"])
         row.update({k: summary.get(k) for k in ACCURACIES + OPTIONAL})
+        row["run"] = {k: summary.get(k) for k in RUN_KEYS}
     return row
+
+
+def published_acc(run: dict | None) -> float | None:
+    """The paper's accuracy for a job's or seed group's `run` (RUN_KEYS), or None. Summaries
+    written before label noise existed have no noise keys: clean labels."""
+    if not run or None in (run.get("dataset"), run.get("imbalance"), run.get("method")):
+        return None
+    noise, rate = run.get("noise") or "none", run.get("noise_rate") or 0.0
+    return paper.published(run["dataset"], run["imbalance"], noise, rate, run["method"])
+
+
+def _delta(final: float | None, published: float | None) -> str | None:
+    """Our final minus the published accuracy, 2 decimals with its sign (as the paper's)."""
+    return None if final is None or published is None else f"{final - published:+.2f}"
+
+
+def paper_fields(final: float | None, run: dict | None) -> dict:
+    """The CSV columns of --paper: the published accuracy and our final minus it; empty where
+    either is missing."""
+    published = published_acc(run)
+    return {"paper_test_acc": published or "", "delta_to_paper": _delta(final, published) or ""}
+
+
+def _paper_cells(final: float | None, run: dict | None) -> list[str]:
+    """The table's paper and Δ cells: `-` where there is no number."""
+    published = published_acc(run)
+    return [_value("paper", published), _delta(final, published) or "-"]
 
 
 def job_folders(sweep: Path) -> list[Path]:
@@ -111,6 +154,8 @@ def seed_groups(rows: list[dict], varying: list[str]) -> list[dict]:
     for key, members in groups.items():
         g = {"overrides": dict(zip(others, key)), "seeds": len(members)}
         g["seed_values"] = sorted((m["overrides"]["seed"] for m in members), key=_natural)
+        runs = [m.get("run") for m in members]
+        g["run"] = runs[0] if all(r == runs[0] for r in runs) else None  # None: seeds differ
         for k in (*shown(rows), "wall_time_s"):
             xs = [m[k] for m in members if m.get(k) is not None]
             g[k] = statistics.mean(xs) if xs else None
@@ -135,7 +180,16 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def markdown(sweep: Path, rows: list[dict], common: dict, varying: list[str]) -> str:
+def _with_paper(cells: list, paper_cells: list[str] | None) -> list:
+    """Table cells with paper and Δ after the first accuracy (final), when asked."""
+    return cells if paper_cells is None else [*cells[:1], *paper_cells, *cells[1:]]
+
+
+def markdown(
+    sweep: Path, rows: list[dict], common: dict, varying: list[str], with_paper: bool = False
+) -> str:
+    """summary.md; with_paper: paper and Δ columns beside final, in the seed table of a seed
+    sweep, else in the job table."""
     done = sum(r["status"] == "done" for r in rows)
     lines = [
         f"# Sweep {sweep}",
@@ -152,25 +206,33 @@ def markdown(sweep: Path, rows: list[dict], common: dict, varying: list[str]) ->
             " noise AUC: how well the final meta-net's weight tells clean from corrupted "
             "training labels (0.5: not at all, 1: perfectly)."
         )
+    groups = seed_groups(rows, varying)
+    if with_paper:
+        lines += [PAPER_NOTE, ""]
     if common:
         lines += ["Common: " + " ".join(f"`{k}={v}`" for k, v in common.items()), ""]
-    head = ["job", *varying, *(HEADS[k] for k in fields), "time (s)", "status"]
+    jobs_paper = with_paper and not groups
+    accs_head = [HEADS[k] for k in fields]
+    head = ["job", *varying, *_with_paper(accs_head, ["paper", "Δ"] if jobs_paper else None)]
+    head += ["time (s)", "status"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         status = r["status"] if r["status"] != "failed" else f"failed: {r['error']}"
         time_s = f"{r['wall_time_s']:.0f}" if r.get("wall_time_s") is not None else "-"
+        accs = [_value(k, r.get(k)) for k in fields]
+        paper_cells = _paper_cells(r.get("final_test_acc"), r.get("run")) if jobs_paper else None
         cells = [
             r["job"],
             *(r["overrides"].get(k, "") for k in varying),
-            *(_value(k, r.get(k)) for k in fields),
+            *_with_paper(accs, paper_cells),
             time_s,
             status,
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
-    groups = seed_groups(rows, varying)
     if groups:
         others = [k for k in varying if k != "seed"]
-        head = [*others, "seeds", *(HEADS[k] for k in fields), "time (s)"]
+        paper_head = ["paper", "Δ"] if with_paper else None
+        head = [*others, "seeds", *_with_paper(accs_head, paper_head), "time (s)"]
         lines += [
             "",
             "## Across seeds (mean ± sample std over the finished seeds)",
@@ -180,36 +242,46 @@ def markdown(sweep: Path, rows: list[dict], common: dict, varying: list[str]) ->
         ]
         for g in groups:
             accs = [_value(k, g[k], g[k + "_std"]) for k in fields]
+            paper_cells = _paper_cells(g["final_test_acc"], g["run"]) if with_paper else None
             cells = [
                 *(g["overrides"][k] for k in others),
                 g["seeds"],
-                *accs,
+                *_with_paper(accs, paper_cells),
                 f"{g['wall_time_s']:.0f}",
             ]
             lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_sweep_summary(sweep: Path) -> tuple[str, list[dict]]:
+def write_sweep_summary(sweep: Path, with_paper: bool = False) -> tuple[str, list[dict]]:
     """Write summary.csv, summary.md (and summary_seeds.csv for a seed sweep) into the sweep
-    folder; returns the markdown and the rows."""
+    folder; returns the markdown and the rows. with_paper: the published accuracy and our final
+    minus it (PAPER_FIELDS) after final_test_acc in both CSVs, and in summary.md (`markdown`)."""
     rows, common, varying = sweep_rows(sweep)
     metrics = shown(rows)
-    fields = ["job", *varying, "status", *metrics, "wall_time_s", "overrides", "error", "folder"]
+    accs = _with_paper(list(metrics), list(PAPER_FIELDS) if with_paper else None)
+    fields = ["job", *varying, "status", *accs, "wall_time_s", "overrides", "error", "folder"]
     with open(sweep / "summary.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             overrides = " ".join(f"{k}={v}" for k, v in r["overrides"].items())
+            paper_cols = paper_fields(r.get("final_test_acc"), r.get("run")) if with_paper else {}
             w.writerow(
-                {**r, **{k: r["overrides"].get(k, "") for k in varying}, "overrides": overrides}
+                {
+                    **r,
+                    **{k: r["overrides"].get(k, "") for k in varying},
+                    "overrides": overrides,
+                    **paper_cols,
+                }
             )
     groups = seed_groups(rows, varying)
     if groups:
         others = [k for k in varying if k != "seed"]
         stats = [s for k in (*metrics, "wall_time_s") for s in (k, k + "_std")]
+        columns = stats[:2] + (list(PAPER_FIELDS) if with_paper else []) + stats[2:]
         with open(sweep / "summary_seeds.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=[*others, "seeds", "seed_values", *stats])
+            w = csv.DictWriter(f, fieldnames=[*others, "seeds", "seed_values", *columns])
             w.writeheader()
             for g in groups:
                 w.writerow(
@@ -217,9 +289,10 @@ def write_sweep_summary(sweep: Path) -> tuple[str, list[dict]]:
                         **g["overrides"],
                         **{k: g[k] for k in ("seeds", *stats)},
                         "seed_values": " ".join(g["seed_values"]),
+                        **(paper_fields(g["final_test_acc"], g["run"]) if with_paper else {}),
                     }
                 )
-    text = markdown(sweep, rows, common, varying)
+    text = markdown(sweep, rows, common, varying, with_paper)
     (sweep / "summary.md").write_text(text)
     return text, rows
 
@@ -264,6 +337,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("path", type=Path, help="a run folder or a sweep folder")
     parser.add_argument("--no-plots", action="store_true", help="only the summary table")
+    parser.add_argument(
+        "--paper",
+        action="store_true",
+        help="a sweep's tables also show the published final test accuracy (MWN paper, "
+        "ResNet32) for each row's dataset, imbalance or noise and method, and our final minus it",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = args.path
@@ -278,13 +357,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{path}: neither a run folder (metrics.jsonl) nor a sweep folder "
             "(job folders with .hydra/overrides.yaml)"
         )
+    if args.paper and runs == [path]:
+        parser.error(f"--paper compares a sweep's table; {path} is a run folder")
     if not args.no_plots:
         for run in runs:
             if (run / "metrics.jsonl").is_file():
                 for p in plot_run_or_note(run):
                     print(p)
     if runs != [path]:
-        text, _ = write_sweep_summary(path)
+        text, _ = write_sweep_summary(path, with_paper=args.paper)
         print(text)
         print(path / "summary.md")
     return 0

@@ -5,6 +5,7 @@ import csv
 import json
 import logging
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from mwn import monitor, report
+from mwn import monitor, paper, report
 from mwn.config import check_command_line
 from mwn.evaluate import WEIGHT_FN_LOSSES, shot_accuracy
 from mwn.meta import sample_weights
@@ -305,3 +306,144 @@ def test_a_failing_figure_is_a_note_not_a_failed_run(tmp_path, monkeypatch, capl
     with caplog.at_level(logging.WARNING):
         assert report.plot_run_or_note(run) == []
     assert "plots skipped: ZeroDivisionError: division by zero" in caplog.text
+
+
+def test_the_published_numbers_are_looked_up_by_dataset_setting_and_method():
+    assert paper.published("cifar10", 100, "none", 0.0, "erm") == 70.36
+    assert paper.published("cifar10", 100.0, "none", 0.0, "mwn") == 75.21
+    assert paper.published("cifar100", 200, "none", 0.0, "l2rw") == 33.38
+    assert paper.published("cifar100", 1, "none", 0.0, "class_balanced") == 70.50
+    assert paper.published("cifar10", 10, "none", 0.0, "focal") == 86.66
+    assert paper.published("cifar10", 1, "flip", 0.4, "mwn") == 87.54
+    assert paper.published("cifar10", 1.0, "flip", 0.2, "erm") == 76.83
+    assert paper.published("cifar10", 1, "flip", 0.0, "mwn") == 92.04  # not Table 1's 92.66
+    assert paper.PUBLISHED[("cifar10", paper.Noise("flip", 0.2), "mwn")] == 90.33
+    assert paper.PUBLISHED[("cifar100", paper.Imbalance(50.0), "mwn")] == 46.74
+    for missing in (
+        ("cifar10", 30, "none", 0.0, "mwn"),  # an imbalance factor the paper did not run
+        ("cifar100", 1, "flip", 0.4, "mwn"),  # flip noise: CIFAR-10 only
+        ("cifar10", 100, "flip", 0.4, "mwn"),  # noise on a long tail
+        ("cifar10", 1, "uniform", 0.4, "mwn"),  # uniform noise: not transcribed
+        ("cifar10", 1, "flip", 0.4, "focal"),
+        ("digits", 100, "none", 0.0, "mwn"),
+        ("cifar10", 100, "none", 0.0, "fine_tune"),
+    ):
+        assert paper.published(*missing) is None, missing
+    assert len(paper.PUBLISHED) == 2 * 5 * 6 + 2 * 3
+
+
+def reference_numbers(text: str) -> dict:
+    """The published accuracies of REFERENCE.md's "Published accuracy" section, as PUBLISHED."""
+    methods = {
+        "ERM": "erm",
+        "MW-Net": "mwn",
+        "Focal loss": "focal",
+        "Class-balanced": "class_balanced",
+        "L2RW": "l2rw",
+    }
+    section = text.split("## Published accuracy", 1)[1].split("\n## ", 1)[0]
+    found, dataset = {}, None
+    for line in section.splitlines():
+        if line.startswith("The community version"):
+            dataset = None  # the community and Betty numbers are not the paper's
+        elif line.rstrip().endswith(":") and re.search(r"CIFAR-10\b", line):
+            dataset = "cifar10"
+        elif line.rstrip().endswith(":") and re.search(r"CIFAR-100\b", line):
+            dataset = "cifar100"
+        elif dataset and line.startswith("- "):
+            name = re.match(r"- (.+?) (\d+\.\d\d) /", line).group(1)
+            accs = [float(x) for x in re.findall(r"\d+\.\d\d", line)]
+            assert len(accs) == 6, line
+            for factor, acc in zip(paper.IMBALANCE_FACTORS, accs):
+                found[(dataset, paper.Imbalance(factor), methods[name])] = acc
+    flip = re.search(r"Flip noise, CIFAR-10 0 / 20 / 40 %: MW-Net (.+?), base (.+?)\.\s", section)
+    assert flip, "REFERENCE.md: no flip-noise line in the expected form"
+    for method, accs in zip(("mwn", "erm"), flip.groups()):
+        for rate, acc in zip(paper.FLIP_RATES, accs.split(" / ")):
+            found[("cifar10", paper.Noise("flip", rate), method)] = float(acc)
+    return found
+
+
+def test_the_published_numbers_are_those_of_the_reference_notes():
+    reference = Path(__file__).parents[2] / "shared" / "REFERENCE.md"
+    if not reference.is_file():
+        pytest.skip(f"{reference} is not here (the project's shared notes)")
+    assert reference_numbers(reference.read_text()) == paper.PUBLISHED
+
+
+def test_paper_columns_set_the_mean_final_accuracy_beside_the_published_one(tmp_path):
+    sweep = tmp_path / "sweep"
+    run = dict(dataset="cifar10", imbalance=100, noise="none", noise_rate=0.0)
+    jobs = [  # (overrides, summary)
+        (["method=mwn", "seed=0", "imbalance=100"], dict(run, method="mwn", final_test_acc=74.0)),
+        (["method=mwn", "seed=1", "imbalance=100"], dict(run, method="mwn", final_test_acc=77.0)),
+        (["method=erm", "seed=0", "imbalance=100"], dict(run, method="erm", final_test_acc=71.0)),
+        (["method=erm", "seed=1", "imbalance=100"], dict(run, method="erm", final_test_acc=68.0)),
+        # imbalance 30: no published number
+        (["method=mwn", "seed=0", "imbalance=30"], dict(run, method="mwn", imbalance=30)),
+        (["method=mwn", "seed=1", "imbalance=30"], dict(run, method="mwn", imbalance=30)),
+    ]
+    for num, (overrides, summary) in enumerate(jobs):
+        summary.setdefault("final_test_acc", 60.0)
+        fake_job(sweep, num, overrides, best_test_acc=90.0, **summary)
+    assert report.main([str(sweep), "--no-plots", "--paper"]) == 0
+    md = (sweep / "summary.md").read_text()
+    # mwn: mean 75.50 - 75.21; erm: mean 69.50 - 70.36; the dataset (cifar10) and the noise
+    # (none) are no override: they come from summary.json
+    assert "| method | imbalance | seeds | final | paper | Δ | best |" in md
+    assert "| mwn | 100 | 2 | 75.50 ± 2.12 | 75.21 | +0.29 | 90.00 ± 0.00 |" in md
+    assert "| erm | 100 | 2 | 69.50 ± 2.12 | 70.36 | -0.86 | 90.00 ± 0.00 |" in md
+    assert "| mwn | 30 | 2 | 60.00 ± 0.00 | - | - | 90.00 ± 0.00 |" in md
+    assert "compared with final, not best" in md
+    assert "| job | method | seed | imbalance | final | best |" in md  # jobs: no paper column
+    groups = {(g["method"], g["imbalance"]): g for g in read_csv(sweep / "summary_seeds.csv")}
+    assert list(groups[("mwn", "100")])[4:8] == [
+        "final_test_acc",
+        "final_test_acc_std",
+        "paper_test_acc",
+        "delta_to_paper",
+    ]
+    assert float(groups[("mwn", "100")]["paper_test_acc"]) == 75.21
+    assert groups[("mwn", "100")]["delta_to_paper"] == "+0.29"
+    assert groups[("erm", "100")]["delta_to_paper"] == "-0.86"
+    assert groups[("mwn", "30")]["paper_test_acc"] == groups[("mwn", "30")]["delta_to_paper"] == ""
+    jobs_csv = {r["job"]: r for r in read_csv(sweep / "summary.csv")}
+    assert (jobs_csv["1"]["paper_test_acc"], jobs_csv["1"]["delta_to_paper"]) == ("75.21", "+1.79")
+    assert jobs_csv["4"]["paper_test_acc"] == ""
+
+
+def test_paper_columns_of_a_sweep_without_seeds_and_of_mixed_seeds(tmp_path):
+    sweep = tmp_path / "flip"
+    run = dict(dataset="cifar10", imbalance=1.0, noise="flip", noise_rate=0.4)
+    fake_job(sweep, 0, ["method=mwn"], **run, method="mwn", final_test_acc=88.0)
+    fake_job(sweep, 1, ["method=erm"], **run, method="erm", final_test_acc=70.0)
+    fake_job(sweep, 2, ["method=erm", "dataset=cifar100"])  # unfinished
+    text, _ = report.write_sweep_summary(sweep, with_paper=True)
+    assert "| job | method | dataset | final | paper | Δ | best |" in text
+    assert "| 0 | mwn |  | 88.00 | 87.54 | +0.46 | - |" in text
+    assert "| 1 | erm |  | 70.00 | 70.77 | -0.77 | - |" in text
+    assert "| 2 | erm | cifar100 | - | - | - | - |" in text
+    # seeds of one row that ran different settings (here: defaults that changed) get no number
+    mixed = tmp_path / "mixed"
+    clean = dict(dataset="cifar10", noise="none", noise_rate=0.0, method="mwn")
+    fake_job(mixed, 0, ["seed=0"], **clean, imbalance=100, final_test_acc=75.0)
+    fake_job(mixed, 1, ["seed=1"], **clean, imbalance=50, final_test_acc=80.0)
+    text, _ = report.write_sweep_summary(mixed, with_paper=True)
+    assert "| 2 | 77.50 ± 3.54 | - | - |" in text
+
+
+def test_without_paper_the_summary_has_no_paper_columns(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    run = dict(dataset="cifar10", imbalance=100, noise="none", noise_rate=0.0, method="mwn")
+    for seed in (0, 1):
+        fake_job(sweep, seed, [f"seed={seed}"], **run, final_test_acc=75.0)
+    assert report.main([str(sweep), "--no-plots"]) == 0
+    md = (sweep / "summary.md").read_text()
+    assert "| paper | Δ |" not in md and "Δ" not in md and "Meta-Weight-Net" not in md
+    for name in ("summary.csv", "summary_seeds.csv"):
+        assert not set(report.PAPER_FIELDS) & set(read_csv(sweep / name)[0]), name
+    with pytest.raises(SystemExit):  # a run folder has no table to compare
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "metrics.jsonl").write_text("")
+        report.main([str(tmp_path / "run"), "--paper"])
+    assert "--paper compares a sweep's table" in capsys.readouterr().err
