@@ -518,6 +518,7 @@ def summarise(run: Run, state: dict, tally: Tally) -> dict:
     summary = {
         "dataset": data.name,
         "method": str(cfg.method),
+        "model": f"{cfg.model.arch}{cfg.model.depth}",
         "imbalance": cfg.imbalance,
         "seed": cfg.seed,
         "final_test_acc": last["test_acc"],

@@ -447,3 +447,10 @@ def test_without_paper_the_summary_has_no_paper_columns(tmp_path, capsys):
         (tmp_path / "run" / "metrics.jsonl").write_text("")
         report.main([str(tmp_path / "run"), "--paper"])
     assert "--paper compares a sweep's table" in capsys.readouterr().err
+
+
+def test_the_paper_is_compared_only_with_resnet32_runs():
+    run = {"dataset": "cifar10", "imbalance": 100.0, "noise": "none", "method": "mwn"}
+    assert report.published_acc({**run, "model": "resnet32"}) == 75.21
+    assert report.published_acc(run) == 75.21  # summaries written before the model was recorded
+    assert report.published_acc({**run, "model": "resnet8"}) is None
