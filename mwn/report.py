@@ -94,7 +94,7 @@ def published_acc(run: dict | None) -> float | None:
     written before label noise existed have no noise keys: clean labels."""
     if not run or None in (run.get("dataset"), run.get("imbalance"), run.get("method")):
         return None
-    if run.get("model", "resnet32") != "resnet32":  # the paper's numbers are ResNet32's
+    if (run.get("model") or "resnet32") != "resnet32":  # the paper's numbers are ResNet32's
         return None
     noise, rate = run.get("noise") or "none", run.get("noise_rate") or 0.0
     return paper.published(run["dataset"], run["imbalance"], noise, rate, run["method"])
