@@ -6,8 +6,10 @@ type, so that a misspelt key or a wrong type fails at start-up.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -162,6 +164,16 @@ POSITIVE_INTS = (
 )
 
 
+def schema_keys(node: type = Config, prefix: str = "") -> set[str]:
+    """Every setting of the schema as a dotted key (dataset, dataset.root, ...)."""
+    keys, types = set(), typing.get_type_hints(node)
+    for f in dataclasses.fields(node):
+        keys.add(prefix + f.name)
+        if isinstance(types[f.name], type) and dataclasses.is_dataclass(types[f.name]):
+            keys |= schema_keys(types[f.name], f"{prefix}{f.name}.")
+    return keys
+
+
 def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     """Raise ConfigError naming the first setting whose value is not allowed (under torchrun
     with that many processes, when given). Names in a set are checked by the schema's enums;
@@ -281,6 +293,9 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
         key = key.lstrip("+~")
         if key in RENAMED:
             return f"{arg}: {key} was renamed; use {RENAMED[key]}"
+        added = arg.startswith("+") and key not in GROUPS and not key.startswith("hydra")
+        if added and key not in schema_keys():  # Hydra would add a misspelt key with + or ++
+            return f"{arg}: Key '{key}' not in 'Config' (+ and ++ add no new settings)"
         if sep and key in GROUPS:
             allowed = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
             for v in value.split(","):

@@ -162,6 +162,9 @@ def test_cli_runs_the_real_cifar_path_end_to_end(tmp_path):
         (["data.root=x"], "data.root=x: data.root was renamed; use dataset.root"),
         (["+data.root=x"], "+data.root=x: data.root was renamed; use dataset.root"),
         (["meta_size=200"], "meta_size=200: meta_size was renamed; use meta_per_class"),
+        (["+hiden_size=3"], "+hiden_size=3: Key 'hiden_size' not in 'Config'"),
+        (["++hiden_size=3"], "++hiden_size=3: Key 'hiden_size' not in 'Config'"),
+        (["+experiment=nope"], "experiment=nope: allowed values are long_tail_cifar10 | "),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path, args, message):
