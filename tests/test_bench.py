@@ -40,7 +40,7 @@ def test_bench_overrides_reach_the_step(tmp_path):
 
 def test_bench_rejects_unknown_variants_and_missing_devices():
     with pytest.raises(SystemExit):
-        bench.parse_args(["--variants", "erm,l2rw"])
+        bench.parse_args(["--variants", "erm,l2rv"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--cuda-graphs"])
 
