@@ -24,7 +24,7 @@ from torch.func import jvp, vjp
 from mwn.batchnorm import jvp_rule
 from mwn.distributed import LOCAL, Reduce
 from mwn.fp16 import skip_if_overflow
-from mwn.meta import Batch, StepHP, Sums, mean_loss, per_sample_loss
+from mwn.meta import Batch, StepHP, Sums, loss_step, mean_loss, per_sample_loss
 from mwn.optim import sgd_lookahead_scale
 
 
@@ -40,29 +40,6 @@ def class_balanced_weights(counts: list[int], beta: float) -> torch.Tensor:
     return (w * len(counts) / w.sum()).float()
 
 
-def _loss_step(model, state, batch, lr, hp, reduce, transform) -> tuple[dict, dict]:
-    """One SGD step on the batch mean of transform(CE per sample, labels)."""
-    x, y = batch
-    sums = Sums(state["scaler"]["scale"] if hp.fp16 else 1.0, reduce)
-
-    def mean_and_aux(p):
-        ce, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp)
-        return transform(ce, y).mean(), (new_buffers, ce.detach())
-
-    g, loss, (new_buffers, ce) = sums.grad_of_mean(mean_and_aux, state["params"], has_aux=True)
-    params, momentum = hp.sgd(state["params"], g, state["momentum"], lr)
-    new_state = {
-        **state,
-        "params": params,
-        "buffers": reduce.buffers(new_buffers),
-        "momentum": momentum,
-    }
-    if hp.fp16:
-        new_state = skip_if_overflow(state, new_state, params)
-    (ce_mean,) = reduce.sum([ce.mean() / reduce.world])
-    return new_state, {"loss": ce_mean, "weighted_loss": loss}
-
-
 def focal_step(
     model: nn.Module,
     meta_net: nn.Module | None,
@@ -74,7 +51,7 @@ def focal_step(
     reduce: Reduce = LOCAL,
 ) -> tuple[dict, dict]:
     """Plain training on the focal loss (gamma = hp.focal_gamma)."""
-    return _loss_step(model, state, batch, lr, hp, reduce, lambda ce, y: focal(ce, hp.focal_gamma))
+    return loss_step(model, state, batch, lr, hp, reduce, lambda ce, y: focal(ce, hp.focal_gamma))
 
 
 def class_balanced_step(
@@ -89,7 +66,7 @@ def class_balanced_step(
 ) -> tuple[dict, dict]:
     """Plain training on the class-balanced cross-entropy (state["class_weights"])."""
     w = state["class_weights"]
-    return _loss_step(model, state, batch, lr, hp, reduce, lambda ce, y: w[y] * ce)
+    return loss_step(model, state, batch, lr, hp, reduce, lambda ce, y: w[y] * ce)
 
 
 def l2rw_scores(model, state, batch, meta_batch, lr, hp: StepHP, sums: Sums):

@@ -28,11 +28,9 @@ import torch
 from mwn.accel import channels_last, make_step
 from mwn.config import compose_config
 from mwn.data import DeviceImages, Sampler
-from mwn.fp16 import scaler_init
-from mwn.meta import StepHP
+from mwn.meta import StepHP, init_state
 from mwn.methods import STEPS
 from mwn.models import MetaNet, ResNet, extract_state
-from mwn.optim import adam_init, sgd_init
 from mwn.seeds import Stream, step_generator
 
 VARIANTS = (
@@ -97,16 +95,7 @@ def setup(args: argparse.Namespace) -> dict:
     params, buffers = extract_state(model)
     if args.channels_last:
         params = channels_last(params)
-    meta_params, _ = extract_state(meta_net)
-    state = {
-        "params": params,
-        "buffers": buffers,
-        "momentum": sgd_init(params),
-        "meta_params": meta_params,
-        "meta_opt": adam_init(meta_params),
-    }
-    if args.fp16:
-        state["scaler"] = scaler_init(device=device)
+    state = init_state(params, buffers, extract_state(meta_net)[0], args.fp16)
     state["class_weights"] = torch.ones(args.classes, device=device)  # class_balanced
     images = torch.randint(0, 256, (50_000, c, h, w), dtype=torch.uint8)
     labels = torch.randint(0, args.classes, (50_000,))

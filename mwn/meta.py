@@ -30,8 +30,8 @@ from torch.func import functional_call, grad_and_value, jvp, vjp
 
 from mwn.batchnorm import jvp_rule
 from mwn.distributed import LOCAL, Reduce
-from mwn.fp16 import skip_if_overflow
-from mwn.optim import adam_step, sgd_lookahead_scale, sgd_step
+from mwn.fp16 import scaler_init, skip_if_overflow
+from mwn.optim import adam_init, adam_step, sgd_init, sgd_lookahead_scale, sgd_step
 
 # torch.func's JVP of batch norm scripts a decomposition once; torch warns about its own use
 warnings.filterwarnings(
@@ -75,6 +75,20 @@ class StepHP:
         return sgd_step(
             params, grads, momentum, lr, self.momentum, self.weight_decay, self.nesterov
         )
+
+
+def init_state(params: Tensors, buffers: Tensors, meta_params: Tensors, fp16: bool = False) -> dict:
+    """The state at iteration 0: zero momentum, a fresh Adam state, the fp16 loss scale."""
+    state = {
+        "params": params,
+        "buffers": buffers,
+        "momentum": sgd_init(params),
+        "meta_params": meta_params,
+        "meta_opt": adam_init(meta_params),
+    }
+    if fp16:
+        state["scaler"] = scaler_init(device=next(iter(params.values())).device)
+    return state
 
 
 # ---------------------------------------------------------------- losses and weights
@@ -336,14 +350,19 @@ def erm_step(
     reduce: Reduce = LOCAL,
 ) -> tuple[dict, dict]:
     """Plain training with uniform weights: the baseline, same signature as `mwn_step`."""
+    return loss_step(model, state, batch, lr, hp, reduce, lambda ce, y: ce)
+
+
+def loss_step(model, state, batch, lr, hp: StepHP, reduce: Reduce, transform) -> tuple[dict, dict]:
+    """One SGD step on the batch mean of transform(CE per sample, labels) (ERM: CE itself)."""
     x, y = batch
     sums = Sums(state["scaler"]["scale"] if hp.fp16 else 1.0, reduce)
 
-    def mean_and_buffers(p):
-        losses, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp)
-        return losses.mean(), new_buffers
+    def mean_and_aux(p):
+        ce, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp)
+        return transform(ce, y).mean(), (new_buffers, ce.detach())
 
-    g, loss, new_buffers = sums.grad_of_mean(mean_and_buffers, state["params"], has_aux=True)
+    g, loss, (new_buffers, ce) = sums.grad_of_mean(mean_and_aux, state["params"], has_aux=True)
     params, momentum = hp.sgd(state["params"], g, state["momentum"], lr)
     new_state = {
         **state,
@@ -353,7 +372,8 @@ def erm_step(
     }
     if hp.fp16:
         new_state = skip_if_overflow(state, new_state, params)
-    return new_state, {"loss": loss, "weighted_loss": loss}
+    (ce_mean,) = reduce.sum([ce.mean() / reduce.world])
+    return new_state, {"loss": ce_mean, "weighted_loss": loss}
 
 
 def mwn_weighted_step(

@@ -55,14 +55,13 @@ from mwn.evaluate import (
     shot_accuracy,
     weighting,
 )
-from mwn.fp16 import scaler_init
 from mwn.image_folder import channel_stats
-from mwn.meta import StepHP
+from mwn.meta import StepHP, init_state
 from mwn.methods import BETWEEN_META_STEPS, NEEDS_META_BATCH, STEPS
 from mwn.models import MetaNet, build_classifier, count_params, extract_state
 from mwn.monitor import Progress, TensorBoard
 from mwn.noise import apply_noise
-from mwn.optim import adam_init, sgd_init, step_lr
+from mwn.optim import step_lr
 from mwn.report import plot_run_or_note
 from mwn.seeds import Stream
 
@@ -297,16 +296,7 @@ def initial_state(run: Run) -> dict:
     params, buffers = extract_state(run.model)
     if run.cfg.channels_last:
         params = channels_last(params)
-    meta_params, _ = extract_state(run.meta_net)
-    state = {
-        "params": params,
-        "buffers": buffers,
-        "momentum": sgd_init(params),
-        "meta_params": meta_params,
-        "meta_opt": adam_init(meta_params),
-    }
-    if run.cfg.fp16:
-        state["scaler"] = scaler_init(device=run.device)
+    state = init_state(params, buffers, extract_state(run.meta_net)[0], run.cfg.fp16)
     if run.cfg.method == "class_balanced":  # a constant of the run
         weights = class_balanced_weights(run.data.counts, run.cfg.class_balanced_beta)
         state["class_weights"] = weights.to(run.device)
