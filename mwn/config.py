@@ -19,6 +19,9 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from mwn.meta import META_GRADS
+from mwn.methods import STEPS
+
 
 class ConfigError(ValueError):
     """A setting with a value outside what is allowed; the message names both."""
@@ -34,8 +37,9 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
-Method = Choice("Method", [(v, v) for v in ("mwn", "erm", "focal", "class_balanced", "l2rw")])
-MetaGrad = Choice("MetaGrad", [(v, v) for v in ("jvp", "double_backward")])
+# the registries' names: a method or meta-gradient added there is a setting here
+Method = Choice("Method", [(v, v) for v in STEPS])
+MetaGrad = Choice("MetaGrad", [(v, v) for v in META_GRADS])
 Noise = Choice("Noise", [(v, v) for v in ("none", "uniform", "flip", "flip2")])
 Arch = Choice("Arch", [(v, v) for v in ("resnet", "wrn")])
 Device = Choice("Device", [(v, v) for v in ("auto", "cpu", "cuda", "mps")])

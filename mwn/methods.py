@@ -1,6 +1,6 @@
 """The training methods (the `method` setting), each a step function of one signature:
 step(model, meta_net, state, batch, meta_batch, lr, hp, reduce) -> (new state, metrics).
-A new method is a step function and one line here (and its name in mwn.config's `Method`).
+A new method is a step function and one line here (the config's `method` values are its keys).
 """
 
 from __future__ import annotations
