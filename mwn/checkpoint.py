@@ -8,6 +8,10 @@ before it is used only when the user asks (`resume_fallback=true`).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import io
 import os
 import random
 import re
@@ -69,18 +73,58 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+@contextlib.contextmanager
+def hold(folder: Path):
+    """An exclusive OS lock on the run folder (its `.lock` file, which names the holder's PID)
+    for the block: a second run in the same folder stops with one line instead of writing
+    beside the first. The OS releases it when the process dies, however it dies."""
+    with open(folder / ".lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise CheckpointError(
+                f"{folder}: another run (PID {pid}) is training in this folder; wait for it to "
+                "end, or choose another folder"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def checkpoint_path(folder: Path, iteration: int) -> Path:
     return folder / f"checkpoint-{iteration}.pt"
 
 
+TRAILER = b"mwn-sha256:"  # after the torch.save bytes: this tag and the SHA-256 of those bytes
+
+
 def save(folder: Path, iteration: int, payload: dict, keep: int = 2) -> Path:
-    """Write checkpoint-<iteration>.pt atomically; keep the `keep` newest."""
+    """Write checkpoint-<iteration>.pt atomically, with a SHA-256 of its content at the end
+    (torch.load checks none); keep the `keep` newest. On a failed write (a full disk) the
+    temporary file is removed and the error names the folder and the size needed."""
     path = checkpoint_path(folder, iteration)
     tmp = folder / f".{path.name}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    raw = buffer.getvalue()
+    try:
+        with open(tmp, "wb") as f:
+            f.write(raw + TRAILER + hashlib.sha256(raw).digest())
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(
+            f"{folder}: cannot write {path.name} ({e.strerror or e}); it needs "
+            f"{(len(raw) + 64) / 2**20:.1f} MiB free there"
+        ) from e
     os.replace(tmp, path)
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
@@ -92,16 +136,29 @@ def save(folder: Path, iteration: int, payload: dict, keep: int = 2) -> Path:
     return path
 
 
+def read(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A checkpoint's payload, its checksum verified (files written before checksums were
+    added load unverified); a mismatch raises CheckpointError."""
+    raw = path.read_bytes()
+    tail = len(TRAILER) + 32
+    if raw[-tail:-32] == TRAILER:
+        raw, digest = raw[:-tail], raw[-32:]
+        if hashlib.sha256(raw).digest() != digest:
+            raise CheckpointError(f"{path}: corrupt checkpoint (its checksum does not match)")
+    return torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
+
+
 def load(folder: Path, device: torch.device, fallback: bool = False) -> dict | None:
     """The newest readable checkpoint in folder (None if there is none)."""
     unreadable = []
     for path in checkpoints(folder):
         try:
-            payload = torch.load(path, map_location=device, weights_only=True)
+            payload = read(path, device)
         except Exception as e:  # truncated, corrupt, or not a checkpoint
             if not fallback:
+                why = str(e) if isinstance(e, CheckpointError) else type(e).__name__
                 raise CheckpointError(
-                    f"{path}: unreadable checkpoint ({type(e).__name__}); set "
+                    f"{path}: unreadable checkpoint ({why}); set "
                     "resume_fallback=true to resume from the previous one, or move it away"
                 ) from e
             unreadable.append(path.name)
@@ -117,27 +174,54 @@ def load(folder: Path, device: torch.device, fallback: bool = False) -> dict | N
 # data lives, and how (not what) the iteration computes
 RUN_CONTROL = {
     "train_iters",
+    "epochs",
     "val_every",
     "log_every",
     "eval_batch_size",
     "checkpoint_every",
     "resume",
     "resume_fallback",
-    "data",
-    "device",
+    "dataset.root",
+    "dataset.download",
+    "device.name",
     "compile",
     "cuda_graphs",
     "channels_last",
     "deterministic",
+    "progress",
+    "logger.name",
 }
 
 
+def _flat(settings: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def _upgraded(saved: dict) -> dict:
+    """Settings of a checkpoint written before keys were renamed, in today's names."""
+    saved = dict(saved)
+    for old, new in (("data.root", "dataset.root"), ("data.download", "dataset.download")):
+        if old in saved:
+            saved[new] = saved.pop(old)
+    if saved.get("meta_size", 0) is None:
+        saved.pop("meta_size")
+    return saved
+
+
 def check_same_settings(saved: dict, current: dict, path: str) -> None:
-    """A run resumes only under the settings it was started with (run control aside)."""
+    """A run resumes only under the settings it was started with (run control aside; settings
+    added since the checkpoint was written are not compared)."""
+    saved, current = _upgraded(_flat(saved)), _flat(current)
     diff = [
         k
         for k in sorted(set(saved) | set(current))
-        if k not in RUN_CONTROL and saved.get(k) != current.get(k)
+        if k not in RUN_CONTROL and k in saved and saved.get(k) != current.get(k)
     ]
     if diff:
         k = diff[0]

@@ -65,7 +65,7 @@ def differences(a: Path, b: Path) -> list[str]:
     if [p.name for p in ca] != [p.name for p in cb]:
         out.append(f"checkpoints: {[p.name for p in ca]} against {[p.name for p in cb]}")
     if ca and cb:
-        sa, sb = (torch.load(p[0], map_location="cpu", weights_only=True) for p in (ca, cb))
+        sa, sb = (checkpoint.read(p[0]) for p in (ca, cb))
         for key in ("iteration", "state", "rng", "world"):
             out += _tensors_differ(sa.get(key), sb.get(key), f"{ca[0].name} {key}")
         for key in ("best", "last_eval", "metrics_bytes"):

@@ -8,6 +8,7 @@ trains on its shard of each global batch (mwn.distributed) and rank 0 alone vali
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -75,11 +76,12 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
     With several ranks (process group initialised): rank 0's out_dir is the run folder, and
     only rank 0 writes into it and returns the summary (the others return None)."""
     run = build_run(cfg, out_dir, ranks)  # checks, data, models, the step
-    state, tally = resume(run)  # a fresh state, or the newest checkpoint's
-    with Recorder(run, tally) as recorder:  # metrics.jsonl, progress, TensorBoard, checkpoints
-        state, tally = loop(run, state, tally, recorder)
-        tally.elapsed_s = recorder.elapsed_s(tally)
-    return summarise(run, state, tally) if ranks.main else None
+    with checkpoint.hold(run.out_dir) if ranks.main else contextlib.nullcontext():  # one run
+        state, tally = resume(run)  # a fresh state, or the newest checkpoint's
+        with Recorder(run, tally) as recorder:  # metrics.jsonl, progress, TensorBoard, checkpoints
+            state, tally = loop(run, state, tally, recorder)
+            tally.elapsed_s = recorder.elapsed_s(tally)
+        return summarise(run, state, tally) if ranks.main else None
 
 
 # ---------------------------------------------------------------- 1. build the run
@@ -328,6 +330,11 @@ def resume(run: Run) -> tuple[dict, Tally]:
             )
         return initial_state(run), Tally()
     checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
+    if ckpt["iteration"] > run.cfg.train_iters:
+        raise ConfigError(
+            f"train_iters={run.cfg.train_iters}: the run in {run.out_dir} has done "
+            f"{ckpt['iteration']} iterations; allowed values are >= {ckpt['iteration']}"
+        )
     checkpoint.set_rng_states(ckpt["rng"])
     log.info("resuming from %s at iteration %d", ckpt["path"], ckpt["iteration"])
     if ckpt.get("world", 1) != run.ranks.world:  # global batches: same data, same arithmetic
@@ -360,10 +367,9 @@ def loop(run: Run, state: dict, tally: Tally, recorder: Recorder) -> tuple[dict,
         # a non-finite loss or meta-gradient stops an fp32 run (fp16 skips such steps); the
         # metrics are global sums, the same on every rank, so every rank stops
         if not cfg.fp16 and (bad := non_finite(metrics)):
-            path = recorder.checkpoint(it, step.last_state, tally)
+            saved = recorder.last_finite_checkpoint(it, step.last_state, tally)
             raise NonFinite(
-                f"iteration {it + 1}: non-finite {', '.join(bad)} at lr {lr:g}; "
-                f"checkpoint of the last good state: {path}"
+                f"iteration {it + 1}: non-finite {', '.join(bad)} at lr {lr:g}; {saved}"
             )
 
         # validation and logging (rank 0)
@@ -389,13 +395,14 @@ def loop(run: Run, state: dict, tally: Tally, recorder: Recorder) -> tuple[dict,
 
         # checkpoint: periodically, at the end, and when asked to stop (all ranks agree on
         # when: SIGTERM may reach them in different iterations)
-        stopping = run.ranks.any(recorder.stop.raised)
+        stopping = run.ranks.any(recorder.stop.raised is not None)
         if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stopping:
             path = recorder.checkpoint(done, state, tally)
             recorder.note(f"checkpoint {path.name}")
             if stopping:
                 raise Preempted(
-                    f"stopped by SIGTERM at iteration {done}; checkpoint {path}; "
+                    f"stopped by {recorder.stop.raised or 'SIGTERM'} at iteration {done}; "
+                    f"checkpoint {path}; "
                     "rerun the same command to resume"
                 )
     return state, tally
@@ -405,6 +412,21 @@ def non_finite(metrics: dict) -> list[str]:
     """The names of the metrics that are not finite (one host sync for all)."""
     finite = torch.isfinite(torch.stack(list(metrics.values()))).tolist()
     return [k for k, ok in zip(metrics, finite) if not ok]
+
+
+def non_finite_state(state: dict) -> list[str]:
+    """The state's float tensors with a non-finite value, as group/name (one host sync)."""
+    leaves = list(_float_leaves(state))
+    finite = torch.stack([v.isfinite().all() for _, v in leaves]).tolist() if leaves else []
+    return [name for (name, _), ok in zip(leaves, finite) if not ok]
+
+
+def _float_leaves(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _float_leaves(v, f"{prefix}{k}/")
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            yield prefix + k, v
 
 
 def validation(run: Run, state: dict, batch: tuple, batch_index: torch.Tensor) -> dict:
@@ -433,14 +455,14 @@ def validation_line(done: int, tally: Tally) -> str:
 
 
 class Recorder:
-    """The loop's side effects: metrics.jsonl, progress, TensorBoard, checkpoints, and SIGTERM
-    (which only sets `stop.raised`, checked once per iteration). Rank 0 records; on the other
-    ranks (`active` false) it writes nothing but still catches SIGTERM."""
+    """The loop's side effects: metrics.jsonl, progress, TensorBoard, checkpoints, and SIGTERM /
+    SIGINT (which only set `stop.raised`, checked once per iteration). Rank 0 records; on the
+    other ranks (`active` false) it writes nothing but still catches the signals."""
 
     def __init__(self, run: Run, tally: Tally) -> None:
         self.run, self.active = run, run.ranks.main
         self.t_start = time.perf_counter()
-        self.stop = _SigtermFlag()
+        self.stop = _StopFlag()
         start, cfg = tally.start, run.cfg
         self.progress = Progress(cfg.progress if self.active else "none", cfg.train_iters, start)
         self.board = None
@@ -448,6 +470,12 @@ class Recorder:
             self.board = TensorBoard(run.out_dir, start)
         path = run.out_dir / "metrics.jsonl" if self.active else Path(os.devnull)
         if self.active:
+            size = path.stat().st_size if path.exists() else 0
+            if size < tally.metrics_bytes:  # the resume would pad it with NUL bytes
+                raise checkpoint.CheckpointError(
+                    f"{path}: {size} bytes, but the checkpoint recorded {tally.metrics_bytes}: "
+                    "metrics.jsonl was truncated or removed; restore it, or start a new run"
+                )
             if cfg.noise != "none":
                 (run.out_dir / "noise.json").write_text(json.dumps(run.data.noise) + "\n")
             with open(path, "ab") as f:  # drop lines written after the checkpoint
@@ -479,8 +507,24 @@ class Recorder:
     def elapsed_s(self, tally: Tally) -> float:
         return tally.elapsed_s + time.perf_counter() - self.t_start
 
+    def last_finite_checkpoint(self, done: int, state: dict, tally: Tally) -> str:
+        """Where the last finite state is: `state` saved, if it is finite, else the newest
+        checkpoint (every checkpoint holds a finite state)."""
+        if not non_finite_state(state):
+            return f"checkpoint of the last good state: {self.checkpoint(done, state, tally)}"
+        newest = checkpoint.checkpoints(self.run.out_dir)
+        return f"the last finite checkpoint: {newest[0] if newest else 'none yet'}"
+
     def checkpoint(self, done: int, state: dict, tally: Tally) -> Path:
-        """Save the state after `done` iterations (rank 0; the state is the same on every rank)."""
+        """Save the state after `done` iterations (rank 0; the state is the same on every
+        rank). A state with a non-finite tensor (parameters, BatchNorm statistics, optimiser
+        states) is never saved: the run stops, its newest checkpoint kept."""
+        if bad := non_finite_state(state):
+            newest = checkpoint.checkpoints(self.run.out_dir)
+            raise NonFinite(
+                f"iteration {done}: non-finite {', '.join(bad[:3])} in the training state; the "
+                f"last finite checkpoint: {newest[0] if newest else 'none yet'}"
+            )
         if not self.active:
             return checkpoint.checkpoint_path(self.run.out_dir, done)
         self.metrics.flush()
@@ -504,6 +548,11 @@ class Recorder:
 def summarise(run: Run, state: dict, tally: Tally) -> dict:
     """summary.json: the final and best test accuracies and what the run was."""
     cfg, data, last, best = run.cfg, run.data, tally.last_eval, tally.best
+    if last is None:  # a resumed run whose schedule ends where it stopped, before validating
+        raise ConfigError(
+            f"train_iters={cfg.train_iters}: no validation has run yet; allowed "
+            f"values are > {cfg.train_iters}"
+        )
     noise_diagnosed = data.probe is not None and cfg.method == "mwn"
     summary = {
         "dataset": data.name,
@@ -547,26 +596,28 @@ class NonFinite(RuntimeError):
 
 
 class Preempted(RuntimeError):
-    """The run was asked to stop (SIGTERM) and saved a checkpoint first."""
+    """The run was asked to stop (SIGTERM, SIGINT) and saved a checkpoint first."""
 
 
-class _SigtermFlag:
-    """Within its block, SIGTERM only sets `raised` (checked once per iteration)."""
+class _StopFlag:
+    """Within its block, SIGTERM and SIGINT (Ctrl-C) only set `raised` to the signal's name
+    (checked once per iteration): the run checkpoints and stops."""
 
-    raised = False
+    raised: str | None = None
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __enter__(self):
-        self.old = None
+        self.old = {}
         if threading.current_thread() is threading.main_thread():
-            self.old = signal.signal(signal.SIGTERM, self._on_term)
+            self.old = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
         return self
 
-    def _on_term(self, signum, frame) -> None:
-        self.raised = True
+    def _on_signal(self, signum, frame) -> None:
+        self.raised = signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
-        if self.old is not None:
-            signal.signal(signal.SIGTERM, self.old)
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
 
 
 def result_line(summary: dict) -> str:
@@ -592,7 +643,7 @@ def main(cfg: DictConfig) -> float | None:
             summary = train(cfg, out_dir, ranks)
     except Preempted as e:  # stop: a run or a whole sweep, resumable
         print(f"mwn: {e}", file=sys.stderr)
-        sys.exit(143)  # 128 + SIGTERM, as a process ended by it
+        sys.exit(130 if "SIGINT" in str(e) else 143)  # 128 + the signal, as if ended by it
     except Exception as e:
         known = isinstance(e, (ConfigError, DataError, checkpoint.CheckpointError, NonFinite))
         if sweep:  # the job fails, the sweep goes on; the summary shows the error

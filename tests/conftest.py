@@ -36,7 +36,7 @@ def run_cli(*args: str, cwd: Path, module: str = "mwn.train") -> subprocess.Comp
 
 def final_state(folder: Path) -> dict:
     """The training state of a run folder's newest checkpoint."""
-    return torch.load(checkpoint.checkpoints(folder)[0], weights_only=True)["state"]
+    return checkpoint.read(checkpoint.checkpoints(folder)[0])["state"]
 
 
 def assert_same_run(a: Path, b: Path) -> None:

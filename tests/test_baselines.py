@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from mwn import baselines, models
+from mwn import baselines, checkpoint, models
 from mwn.baselines import (
     class_balanced_step,
     class_balanced_weights,
@@ -200,7 +200,7 @@ def test_meta_interval_updates_the_meta_net_every_kth_iteration(tmp_path):
     train(cfg, tmp_path)
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert ["meta_loss" in r for r in lines] == [True, False, True, False, True]
-    ckpt = torch.load(next(tmp_path.glob("checkpoint-*.pt")), weights_only=True)
+    ckpt = checkpoint.read(next(tmp_path.glob("checkpoint-*.pt")))
     assert int(ckpt["state"]["meta_opt"]["step"]) == 3  # iterations 1, 3, 5
     with pytest.raises(Exception, match="meta_interval=2: allowed values are 1 unless method=mwn"):
         train(make_cfg(*FAST, "meta_interval=2", "method=erm"), tmp_path / "erm")

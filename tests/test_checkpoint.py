@@ -16,9 +16,8 @@ from mwn.checkpoint import CheckpointError
 from mwn.config import ConfigError
 from mwn.train import NonFinite, train
 
-from conftest import make_cfg, run_cli
+from conftest import ROOT, assert_same_run, make_cfg, run_cli
 
-ROOT = Path(__file__).resolve().parent.parent
 ARGS = [
     "train_iters=200",
     "val_every=50",
@@ -27,25 +26,6 @@ ARGS = [
     "checkpoint_every=20",
     "device=cpu",
 ]
-
-
-def summary_without_time(folder: Path) -> dict:
-    s = json.loads((folder / "summary.json").read_text())
-    s.pop("wall_time_s")
-    return s
-
-
-def final_state(folder: Path) -> dict:
-    return torch.load(checkpoint.checkpoints(folder)[0], weights_only=True)["state"]
-
-
-def assert_same_run(a: Path, b: Path) -> None:
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
-    assert summary_without_time(a) == summary_without_time(b)
-    sa, sb = final_state(a), final_state(b)
-    for group in ("params", "buffers", "momentum", "meta_params"):
-        for k in sa[group]:
-            assert torch.equal(sa[group][k], sb[group][k]), (group, k)
 
 
 @pytest.fixture(scope="module")
@@ -91,14 +71,15 @@ def test_sigkill_then_the_same_command_resumes_bit_identically(reference, tmp_pa
     assert_same_run(reference, folder)
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(reference, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_and_ctrl_c_write_a_checkpoint_and_exit_cleanly(reference, tmp_path, sig, code):
     folder = tmp_path / "run"
     proc = start_and_wait_for(folder, "checkpoint-40.pt")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143
+    assert proc.returncode == code
     last = err.strip().splitlines()[-1]
-    assert last.startswith("mwn: stopped by SIGTERM at iteration ") and "Traceback" not in err
+    assert last.startswith(f"mwn: stopped by {sig.name} at iteration ") and "Traceback" not in err
     stopped_at = int(last.split("iteration ")[1].split(";")[0])
     assert checkpoint.checkpoints(folder)[0].name == f"checkpoint-{stopped_at}.pt"
     again = run_cli(*ARGS, f"hydra.run.dir={folder}", cwd=tmp_path)
@@ -161,7 +142,7 @@ def test_a_non_finite_loss_stops_the_run_after_saving_the_last_good_state(tmp_pa
     with pytest.raises(NonFinite, match=r"iteration (\d+): non-finite (loss|weighted_loss|meta)"):
         train(make_cfg(*FAST, "lr=1e30"), tmp_path)
     newest = checkpoint.checkpoints(tmp_path)[0]
-    saved = torch.load(newest, weights_only=True)
+    saved = checkpoint.read(newest)
     assert all(bool(torch.isfinite(v).all()) for v in saved["state"]["params"].values())
     assert not (tmp_path / "summary.json").exists()
 
@@ -190,3 +171,86 @@ def test_a_rerun_sweep_skips_finished_jobs_and_resumes_the_others(tmp_path):
     for j in ("0", "1"):
         assert (sweep / j / "metrics.jsonl").read_text() == metrics[j]
         assert json.loads((sweep / j / "summary.json").read_text())["iterations"] == 20
+
+
+def test_flipped_bytes_in_a_checkpoint_are_caught_by_its_checksum(tmp_path):
+    train(make_cfg(*FAST), tmp_path)
+    newest = checkpoint.checkpoints(tmp_path)[0]
+    raw = bytearray(newest.read_bytes())
+    raw[len(raw) // 2] ^= 0x10  # inside the tensor data: torch.load alone would not notice
+    newest.write_bytes(bytes(raw))
+    with pytest.raises(
+        CheckpointError,
+        match=r"checkpoint-30.pt: unreadable checkpoint \(.*"
+        r"corrupt checkpoint \(its checksum does not match\)",
+    ):
+        train(make_cfg(*FAST, "train_iters=40"), tmp_path)
+    summary = train(make_cfg(*FAST, "train_iters=40", "resume_fallback=true"), tmp_path)
+    assert summary["iterations"] == 40  # resumed from checkpoint-20.pt
+
+
+def test_a_truncated_metrics_file_is_refused_not_padded(tmp_path):
+    train(make_cfg(*FAST), tmp_path)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:50])
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl: 50 bytes, but the checkpoint"):
+        train(make_cfg(*FAST, "train_iters=40"), tmp_path)
+    assert len(metrics.read_text()) == 50 and "\0" not in metrics.read_text()
+
+
+def test_a_second_run_in_a_held_folder_names_the_holder(tmp_path):
+    tmp_path.mkdir(exist_ok=True)
+    busy = rf"another run \(PID {os.getpid()}\) is training in this folder"
+    with checkpoint.hold(tmp_path), pytest.raises(CheckpointError, match=busy):
+        train(make_cfg(*FAST), tmp_path)
+    assert not (tmp_path / "metrics.jsonl").exists()
+    train(make_cfg(*FAST), tmp_path)  # released: the folder is free again
+
+
+def test_divergence_never_checkpoints_a_non_finite_state(tmp_path):
+    """ERM at lr 20 drives BatchNorm's running variance to inf while the loss stays finite:
+    the run stops at the checkpoint that would hold it, keeping the last finite one."""
+    with pytest.raises(NonFinite, match=r"non-finite buffers/.*running_var in the training state"):
+        cfg = ["train_iters=30", "val_every=10", "checkpoint_every=10", "method=erm", "lr=20"]
+        train(make_cfg(*cfg), tmp_path)
+    kept = checkpoint.checkpoints(tmp_path)
+    assert kept and not (tmp_path / "summary.json").exists()
+    for path in kept:
+        state = checkpoint.read(path)["state"]
+        assert all(
+            bool(v.isfinite().all())
+            for g in ("params", "buffers", "momentum")
+            for v in state[g].values()
+            if v.is_floating_point()
+        )
+
+
+def test_a_shorter_schedule_than_what_is_done_is_refused(tmp_path):
+    train(make_cfg(*FAST), tmp_path)
+    with pytest.raises(ConfigError, match=r"train_iters=20: the run in .* has done 30 iterations"):
+        train(make_cfg(*FAST, "train_iters=20"), tmp_path)
+
+
+def test_progress_and_logger_may_change_on_resume(tmp_path):
+    train(make_cfg(*FAST, "train_iters=10"), tmp_path)
+    summary = train(make_cfg(*FAST, "progress=none", "log_every=2"), tmp_path)
+    assert summary["iterations"] == 30
+
+
+def test_a_full_disk_removes_the_temporary_file_and_says_what_is_needed(tmp_path, monkeypatch):
+    real_open = open
+
+    def full(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if "w" in mode and str(path).endswith(".tmp"):
+            f.write = lambda data: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+        return f
+
+    monkeypatch.setattr("builtins.open", full)
+    with pytest.raises(
+        CheckpointError,
+        match=r"cannot write checkpoint-3.pt \(No space left on "
+        r"device\); it needs 0.0 MiB free there",
+    ):
+        checkpoint.save(tmp_path, 3, {"x": torch.zeros(3)})
+    assert list(tmp_path.iterdir()) == []
