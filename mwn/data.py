@@ -269,10 +269,11 @@ def make_long_tail(
     per_class = [pool[labels[pool] == c] for c in range(num_classes)]
     n_max = min(len(p) for p in per_class)
     counts = long_tail_counts(n_max, num_classes, imbalance)
-    if counts[-1] < 1:
+    if counts[-1] < 1:  # n_max * n_max^-1 may round below 1: then n_max itself is too large
+        bound = "<=" if long_tail_counts(n_max, num_classes, n_max)[-1] >= 1 else "<"
         raise DataError(
             f"imbalance={imbalance:g}: leaves the last class with no training image "
-            f"(n_max={n_max}); allowed values are 1 <= imbalance <= {n_max}"
+            f"(n_max={n_max}); allowed values are 1 <= imbalance {bound} {n_max}"
         )
     g = seeds.generator(seed, "long_tail")
     kept = [p[torch.randperm(len(p), generator=g)[:n]] for p, n in zip(per_class, counts)]

@@ -220,3 +220,17 @@ def test_every_random_stream_is_its_own():
     again = torch.rand(4, generator=step_generator(7, Stream.META_AUG, 3))
     assert torch.equal(again, draws[len(ONCE) + int(Stream.META_AUG)])
     assert not torch.equal(torch.rand(4, generator=step_generator(7, Stream.META_AUG, 4)), again)
+
+
+def test_the_largest_imbalance_named_in_the_error_really_works():
+    """n_max * n_max^-1 rounds below 1 for some n_max (49 among them): the error then says <."""
+    labels = torch.arange(10).repeat_interleave(49)
+    pool = torch.arange(len(labels))
+    with pytest.raises(DataError, match=r"allowed values are 1 <= imbalance < 49$"):
+        make_long_tail(labels, pool, 10, 49.0, seed=0)
+    _, counts = make_long_tail(labels, pool, 10, 48.999, seed=0)
+    assert counts[-1] == 1
+    labels = torch.arange(10).repeat_interleave(50)
+    with pytest.raises(DataError, match=r"allowed values are 1 <= imbalance <= 50$"):
+        make_long_tail(labels, torch.arange(500), 10, 51.0, seed=0)
+    assert make_long_tail(labels, torch.arange(500), 10, 50.0, seed=0)[1][-1] == 1
