@@ -313,13 +313,36 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
     chosen = any(a.partition("=")[0] in ("hydra.run.dir", "hydra.sweep.dir") for a in overrides)
     if not chosen and (problem := _not_creatable(Path("outputs"))):  # Hydra's default place
         return f"output folder: {problem}"
-    if "-m" in argv or "--multirun" in argv:
-        return None  # sweep values are checked per job
+    settings = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
+    if "-m" not in argv and "--multirun" not in argv:
+        return _composition_problem(settings, conf_dir)
+    # a sweep: every value of every comma list is composed with the plain overrides (types,
+    # names, keys) before the first job starts, each problem reported; values of the right
+    # type but out of range become failed jobs' rows
+    plain = [o for o in settings if len(_sweep_values(o)) == 1]
+    problems = []
+    for value in [v for o in settings if len(_sweep_values(o)) > 1 for v in _sweep_values(o)]:
+        problem = _composition_problem([*plain, value], conf_dir)
+        if problem and problem not in problems:
+            problems.append(problem)
+    return "\n".join(problems) or _composition_problem(plain, conf_dir)
+
+
+def _sweep_values(override: str) -> list[str]:
+    """key=a,b,c as [key=a, key=b, key=c]; other sweep syntax (range, choice, glob) and plain
+    overrides as they are."""
+    key, sep, value = override.partition("=")
+    if not sep or "," not in value or any(c in value for c in "([{'\""):
+        return [override]
+    return [f"{key}={v}" for v in value.split(",")]
+
+
+def _composition_problem(settings: list[str], conf_dir: Path) -> str | None:
+    """Hydra's first complaint about composing these overrides, in one line (None if none)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    settings = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     try:
         register_schema()
         with initialize_config_dir(str(conf_dir), version_base="1.3"):

@@ -680,7 +680,8 @@ def check_ranks(argv: list[str], ranks: Ranks) -> str | None:
 if __name__ == "__main__":
     argv, ranks = sys.argv[1:], ranks_from_env()
     if problem := check_command_line(argv, CONF_DIR) or check_ranks(argv, ranks):
-        print(f"mwn: error: {problem}", file=sys.stderr)
+        for line in problem.splitlines():  # a sweep: one line per bad value
+            print(f"mwn: error: {line}", file=sys.stderr)
         sys.exit(2)
     if not ranks.main:
         sys.argv += QUIET_RANK

@@ -284,3 +284,21 @@ def test_the_default_output_folder_is_checked_only_when_it_is_used(tmp_path, mon
     problem = check_command_line([], CONF_DIR)
     assert problem.startswith("output folder: cannot create a folder there: ")
     assert check_command_line([f"hydra.run.dir={tmp_path / 'elsewhere'}"], CONF_DIR) is None
+
+
+def test_a_sweep_with_bad_values_names_each_before_any_job_runs(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = run_cli(
+        "-m",
+        "hidden_size=abc,50",
+        "method=erm,l2rv",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "mwn: error: hidden_size=abc: Value 'abc' of type 'str' could not be converted to Integer",
+        "mwn: error: method=l2rv: allowed values are mwn | erm | focal | class_balanced | l2rw",
+    ]
+    assert not sweep.exists()
