@@ -168,6 +168,7 @@ def test_cli_runs_the_real_cifar_path_end_to_end(tmp_path):
         (["+hiden_size=3"], "+hiden_size=3: Key 'hiden_size' not in 'Config'"),
         (["++hiden_size=3"], "++hiden_size=3: Key 'hiden_size' not in 'Config'"),
         (["+experiment=nope"], "experiment=nope: allowed values are long_tail_cifar10 | "),
+        (["~lr"], "~lr: a setting cannot be removed (every key is needed); set lr=VALUE"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_non_zero(tmp_path, args, message):
