@@ -12,9 +12,8 @@ from torch.utils._pytree import tree_structure
 from mwn import fp16
 from mwn.distributed import LOCAL
 from mwn.fp16 import scaler_init
-from mwn.meta import Sums, erm_step, jvp_meta_grad, mwn_step, train_pass
+from mwn.meta import Sums, erm_step, init_state, jvp_meta_grad, mwn_step, train_pass
 from mwn.models import MetaNet, ResNet, extract_state
-from mwn.optim import adam_init, sgd_init
 
 from conftest import rel_err, step_hp
 
@@ -40,16 +39,7 @@ def fp32_setup():
     torch.manual_seed(0)
     model = ResNet(10, depth=8, width=8, in_channels=1)
     meta_net = MetaNet(100)
-    params, buffers = extract_state(model)
-    meta_params, _ = extract_state(meta_net)
-    state = {
-        "params": params,
-        "buffers": buffers,
-        "momentum": sgd_init(params),
-        "meta_params": meta_params,
-        "meta_opt": adam_init(meta_params),
-        "scaler": scaler_init(),
-    }
+    state = init_state(*extract_state(model), extract_state(meta_net)[0], fp16=True)
     batch = (torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)))
     return model, meta_net, state, batch
 
