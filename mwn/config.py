@@ -317,7 +317,7 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
         return f"output folder: {problem}"
     settings = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     if "-m" not in argv and "--multirun" not in argv:
-        return _composition_problem(settings, conf_dir)
+        return _composition_problem(settings, conf_dir, check_values=True)
     # a sweep: every value of every comma list is composed with the plain overrides (types,
     # names, keys) before the first job starts, each problem reported; values of the right
     # type but out of range become failed jobs' rows
@@ -339,8 +339,12 @@ def _sweep_values(override: str) -> list[str]:
     return [f"{key}={v}" for v in value.split(",")]
 
 
-def _composition_problem(settings: list[str], conf_dir: Path) -> str | None:
-    """Hydra's first complaint about composing these overrides, in one line (None if none)."""
+def _composition_problem(
+    settings: list[str], conf_dir: Path, check_values: bool = False
+) -> str | None:
+    """Hydra's first complaint about composing these overrides, in one line (None if none);
+    with check_values, also check_config's, so that a bad value stops a run before Hydra
+    writes anything into its folder."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -348,7 +352,11 @@ def _composition_problem(settings: list[str], conf_dir: Path) -> str | None:
     try:
         register_schema()
         with initialize_config_dir(str(conf_dir), version_base="1.3"):
-            compose("config", overrides=settings)
+            cfg = compose("config", overrides=settings)
+        if check_values:
+            check_config(cfg)
+    except ConfigError as e:
+        return str(e)
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e.__cause__ or e).strip().splitlines()[0]  # e.g. Key 'x' not in 'Config'
         if choices := re.fullmatch(r"Invalid value '.*', expected one of \[(.*)\]", first):

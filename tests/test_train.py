@@ -303,3 +303,11 @@ def test_a_sweep_with_bad_values_names_each_before_any_job_runs(tmp_path):
         "mwn: error: method=l2rv: allowed values are mwn | erm | focal | class_balanced | l2rw",
     ]
     assert not sweep.exists()
+
+
+def test_a_bad_value_stops_the_run_before_hydra_writes_its_folder(tmp_path):
+    proc = run_cli("imbalance=0.5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        "mwn: error: imbalance=0.5: allowed values are real numbers >= 1"
+    )
+    assert not (tmp_path / "run").exists()  # no .hydra/config.yaml recording the bad value
