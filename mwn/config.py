@@ -317,7 +317,8 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
         return f"output folder: {problem}"
     settings = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
     if "-m" not in argv and "--multirun" not in argv:
-        return _composition_problem(settings, conf_dir, check_values=True)
+        full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # then train() raises, traced
+        return _composition_problem(settings, conf_dir, check_values=not full_error)
     # a sweep: every value of every comma list is composed with the plain overrides (types,
     # names, keys) before the first job starts, each problem reported; values of the right
     # type but out of range become failed jobs' rows
