@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import jvp, vjp
+from torch.func import vjp
 
-from mwn.batchnorm import jvp_rule
 from mwn.distributed import LOCAL, Reduce
 from mwn.fp16 import skip_if_overflow
-from mwn.meta import Batch, StepHP, Sums, loss_step, mean_loss, per_sample_loss
+from mwn.meta import Batch, StepHP, Sums, loss_dots, loss_step, mean_loss, per_sample_loss
 from mwn.optim import sgd_lookahead_scale
 
 
@@ -83,12 +82,8 @@ def l2rw_scores(model, state, batch, meta_batch, lr, hp: StepHP, sums: Sums):
     g_meta, meta_loss = sums.grad_of_mean(
         lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead
     )
-    # (J g)_i = g . grad L_i(w) for all i in one JVP
-    tangent, t = sums.tangent(g_meta)
-    with jvp_rule():
-        _, jg = jvp(
-            lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp)[0], (params,), (tangent,)
-        )
+    # (J g)_i = g . grad L_i(w) for all i in one JVP, as in MWN's exact meta-gradient
+    jg, t = loss_dots(model, params, buffers, batch, g_meta, hp, sums)
     u = jg * (sgd_lookahead_scale(lr, hp.momentum, hp.nesterov) / t)
     return u, meta_loss, (losses, pullback, new_buffers)
 

@@ -230,7 +230,7 @@ def jvp_meta_grad(
     g = grad L_meta(w'). The n dot products are ONE forward-mode JVP of the loss vector along g:
     no double backward. The chain rule through v(Theta) is the weights' small VJP."""
     params, buffers = state["params"], state["buffers"]
-    (x, y), (xm, ym) = batch, meta_batch
+    (_, y), (xm, ym) = batch, meta_batch
     n = y.shape[0] * sums.reduce.world  # the global batch size
     # lookahead w'(Theta): the real optimiser's step on the weighted loss
     g_train = sums.pull(train.pullback, train.weights, n)
@@ -240,14 +240,22 @@ def jvp_meta_grad(
         lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead[0]
     )
     # (J g)_i = g . grad L_i(w) for all i in one JVP, then the VJP through v(Theta)
-    tangent, t = sums.tangent(g_meta)
+    jg, t = loss_dots(model, params, buffers, batch, g_meta, hp, sums)
+    a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
+    (meta_grad,) = train.weights_pullback(jg * (-a / n) / t)
+    return MetaGrad(sums.total(meta_grad), meta_loss, ahead)
+
+
+def loss_dots(model, params, buffers, batch: Batch, g: Tensors, hp: StepHP, sums: Sums):
+    """(J g, t): the dot products g . grad_w L_i(w) for every sample i, all in one forward-mode
+    JVP of the loss vector, times t (the factor `Sums.tangent` scaled g by; 1.0 in fp32)."""
+    x, y = batch
+    tangent, t = sums.tangent(g)
     with jvp_rule():  # BatchNorm's cheaper forward-mode rule (mwn.batchnorm)
         _, jg = jvp(
             lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp)[0], (params,), (tangent,)
         )
-    a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
-    (meta_grad,) = train.weights_pullback(jg * (-a / n) / t)
-    return MetaGrad(sums.total(meta_grad), meta_loss, ahead)
+    return jg, t
 
 
 def double_backward_meta_grad(
