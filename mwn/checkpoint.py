@@ -193,11 +193,12 @@ RUN_CONTROL = {
 }
 
 
-def _flat(settings: dict, prefix: str = "") -> dict:
+def flat(settings: dict, prefix: str = "") -> dict:
+    """Nested settings as one dict of dotted keys."""
     out = {}
     for k, v in settings.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flat(v, f"{prefix}{k}."))
         else:
             out[prefix + k] = v
     return out
@@ -217,7 +218,7 @@ def _upgraded(saved: dict) -> dict:
 def check_same_settings(saved: dict, current: dict, path: str) -> None:
     """A run resumes only under the settings it was started with (run control aside; settings
     added since the checkpoint was written are not compared)."""
-    saved, current = _upgraded(_flat(saved)), _flat(current)
+    saved, current = _upgraded(flat(saved)), flat(current)
     diff = [
         k
         for k in sorted(set(saved) | set(current))

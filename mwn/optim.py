@@ -28,11 +28,19 @@ def sgd_step(
     """torch.optim.SGD (dampening 0): d = g + wd*p; buf = m*buf + d; p -= lr*(d + m*buf or buf)."""
     new_params, new_buf = {}, {}
     for k, p in params.items():
-        d = grads[k] + weight_decay * p if weight_decay else grads[k]
+        d = decayed(grads[k], p, weight_decay)
         buf = momentum * momentum_buf[k] + d
         step = d + momentum * buf if nesterov else buf
         new_params[k], new_buf[k] = p - lr * step, buf
     return new_params, new_buf
+
+
+def decayed(g: torch.Tensor, p: torch.Tensor, weight_decay: float | torch.Tensor) -> torch.Tensor:
+    """g + wd * p (L2 weight decay in the gradient). A float 0 adds nothing; a tensor (one value
+    per run of a vectorised group, mwn.group) is always added, as vmap cannot branch on it."""
+    if isinstance(weight_decay, torch.Tensor) or weight_decay:
+        return g + weight_decay * p
+    return g
 
 
 def sgd_lookahead_scale(lr: float, momentum: float, nesterov: bool) -> float:
@@ -65,7 +73,7 @@ def adam_step(
     c1, c2 = 1.0 - torch.pow(b1, t), 1.0 - torch.pow(b2, t)
     new_params, m_new, v_new = {}, {}, {}
     for k, p in params.items():
-        g = grads[k] + weight_decay * p if weight_decay else grads[k]
+        g = decayed(grads[k], p, weight_decay)
         m = b1 * state["exp_avg"][k] + (1.0 - b1) * g
         v = b2 * state["exp_avg_sq"][k] + (1.0 - b2) * g * g
         new_params[k] = p - (lr / c1) * m / ((v / c2).sqrt() + eps)

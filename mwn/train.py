@@ -16,6 +16,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -364,48 +365,71 @@ def loop(run: Run, state: dict, tally: Tally, recorder: Recorder) -> tuple[dict,
         step = run.step_at(it)
         state, metrics = step(state, batch, meta_batch, lr)
 
-        # a non-finite loss or meta-gradient stops an fp32 run (fp16 skips such steps); the
-        # metrics are global sums, the same on every rank, so every rank stops
-        if not cfg.fp16 and (bad := non_finite(metrics)):
-            saved = recorder.last_finite_checkpoint(it, step.last_state, tally)
-            raise NonFinite(
-                f"iteration {it + 1}: non-finite {', '.join(bad)} at lr {lr:g}; {saved}"
-            )
-
-        # validation and logging (rank 0)
-        done = it + 1
-        validate = done % cfg.val_every == 0 or done == cfg.train_iters
-        record = None
-        if recorder.active and (validate or done % cfg.log_every == 0):
-            record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
-            if cfg.fp16:
-                record.update(
-                    loss_scale=state["scaler"]["scale"].item(),
-                    skipped_steps=int(state["scaler"]["skipped"]),
-                )
-            if validate:
-                tally.last_eval = validation(run, state, batch, batch_index)
-                record.update(tally.last_eval)
-                if tally.last_eval["test_acc"] > tally.best["test_acc"]:
-                    drop = ("weight_fn", "batch")
-                    tally.best = {k: v for k, v in tally.last_eval.items() if k not in drop}
-                    tally.best["iter"] = done
-                recorder.note(validation_line(done, tally))
-        recorder.log(done, record)
-
-        # checkpoint: periodically, at the end, and when asked to stop (all ranks agree on
-        # when: SIGTERM may reach them in different iterations)
-        stopping = run.ranks.any(recorder.stop.raised is not None)
-        if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stopping:
-            path = recorder.checkpoint(done, state, tally)
-            recorder.note(f"checkpoint {path.name}")
-            if stopping:
-                raise Preempted(
-                    f"stopped by {recorder.stop.raised or 'SIGTERM'} at iteration {done}; "
-                    f"checkpoint {path}; "
-                    "rerun the same command to resume"
-                )
+        # what follows: the finiteness check, validation and logging, checkpoints
+        bad = [] if cfg.fp16 else non_finite(metrics)  # fp16 skips such steps itself
+        states = (lambda s=state: s, lambda s=step: s.last_state)  # after, before the step
+        after_step(run, it, lr, *states, metrics, bad, batch, batch_index, tally, recorder)
     return state, tally
+
+
+def after_step(
+    run: Run,
+    it: int,
+    lr: float,
+    state: Callable[[], dict],
+    last_state: Callable[[], dict],
+    metrics: dict,
+    bad: list[str],
+    batch: tuple,
+    batch_index: torch.Tensor,
+    tally: Tally,
+    recorder: Recorder,
+) -> None:
+    """What follows the step of iteration `it` (a single run's, or one run's share of a
+    vectorised group's, mwn.group): stop on the non-finite metrics `bad`, validate and log,
+    checkpoint. Raises NonFinite, or Preempted after the checkpoint when asked to stop. The
+    states after and before the step come as functions, called only when needed (a group's
+    run slices its own out of the stacked state)."""
+    cfg = run.cfg
+    # a non-finite loss or meta-gradient stops an fp32 run (the metrics are global sums, the
+    # same on every rank, so every rank stops)
+    if bad:
+        saved = recorder.last_finite_checkpoint(it, last_state(), tally)
+        raise NonFinite(f"iteration {it + 1}: non-finite {', '.join(bad)} at lr {lr:g}; {saved}")
+
+    # validation and logging (rank 0)
+    done = it + 1
+    validate = done % cfg.val_every == 0 or done == cfg.train_iters
+    record = None
+    if recorder.active and (validate or done % cfg.log_every == 0):
+        record = {"iter": done, "lr": lr, **{k: v.item() for k, v in metrics.items()}}
+        if cfg.fp16:
+            record.update(
+                loss_scale=state()["scaler"]["scale"].item(),
+                skipped_steps=int(state()["scaler"]["skipped"]),
+            )
+        if validate:
+            tally.last_eval = validation(run, state(), batch, batch_index)
+            record.update(tally.last_eval)
+            if tally.last_eval["test_acc"] > tally.best["test_acc"]:
+                drop = ("weight_fn", "batch")
+                tally.best = {k: v for k, v in tally.last_eval.items() if k not in drop}
+                tally.best["iter"] = done
+            recorder.note(validation_line(done, tally))
+    recorder.log(done, record)
+
+    # checkpoint: periodically, at the end, and when asked to stop (all ranks agree on
+    # when: SIGTERM may reach them in different iterations)
+    stopping = run.ranks.any(recorder.stop.raised is not None)
+    if done % cfg.checkpoint_every == 0 or done == cfg.train_iters or stopping:
+        path = recorder.checkpoint(done, state(), tally)
+        recorder.note(f"checkpoint {path.name}")
+        if stopping:
+            raise Preempted(
+                f"stopped by {recorder.stop.raised or 'SIGTERM'} at iteration {done}; "
+                f"checkpoint {path}; "
+                "rerun the same command to resume"
+            )
 
 
 def non_finite(metrics: dict) -> list[str]:
@@ -457,14 +481,20 @@ def validation_line(done: int, tally: Tally) -> str:
 class Recorder:
     """The loop's side effects: metrics.jsonl, progress, TensorBoard, checkpoints, and SIGTERM /
     SIGINT (which only set `stop.raised`, checked once per iteration). Rank 0 records; on the
-    other ranks (`active` false) it writes nothing but still catches the signals."""
+    other ranks (`active` false) it writes nothing but still catches the signals. The runs of a
+    vectorised group (mwn.group) share one `stop` flag, which the group enters, and show their
+    notes with a `label` instead of a progress display of their own."""
 
-    def __init__(self, run: Run, tally: Tally) -> None:
-        self.run, self.active = run, run.ranks.main
+    def __init__(
+        self, run: Run, tally: Tally, stop: StopFlag | None = None, label: str = ""
+    ) -> None:
+        self.run, self.active, self.label = run, run.ranks.main, label
         self.t_start = time.perf_counter()
-        self.stop = _StopFlag()
+        self.stop, self.own_stop = stop or StopFlag(), stop is None
         start, cfg = tally.start, run.cfg
-        self.progress = Progress(cfg.progress if self.active else "none", cfg.train_iters, start)
+        mode = cfg.progress if self.active and not label else "none"
+        self.progress = Progress(mode, cfg.train_iters, start)
+        self.rng: dict | None = None  # the global RNG states to save (None: the current ones)
         self.board = None
         if self.active and cfg.logger.name == "tensorboard":
             self.board = TensorBoard(run.out_dir, start)
@@ -483,11 +513,15 @@ class Recorder:
         self.metrics = open(path, "ab")  # noqa: SIM115  (closed by __exit__)
 
     def __enter__(self) -> Recorder:
-        self.stop.__enter__()
+        if self.own_stop:
+            self.stop.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop.__exit__()
+        if self.metrics.closed:  # a group's run finished before its group
+            return
+        if self.own_stop:
+            self.stop.__exit__()
         self.metrics.close()
         self.progress.close()
         if self.board is not None:
@@ -502,7 +536,7 @@ class Recorder:
         self.progress.update(done, record)
 
     def note(self, message: str) -> None:
-        self.progress.write(message)
+        self.progress.write(f"{self.label}: {message}" if self.label else message)
 
     def elapsed_s(self, tally: Tally) -> float:
         return tally.elapsed_s + time.perf_counter() - self.t_start
@@ -536,7 +570,7 @@ class Recorder:
             "metrics_bytes": self.metrics.tell(),
             "config": self.run.settings,
             "elapsed_s": self.elapsed_s(tally),
-            "rng": checkpoint.rng_states(),
+            "rng": self.rng or checkpoint.rng_states(),
             "world": self.run.ranks.world,
         }
         return checkpoint.save(self.run.out_dir, done, payload)
@@ -599,7 +633,7 @@ class Preempted(RuntimeError):
     """The run was asked to stop (SIGTERM, SIGINT) and saved a checkpoint first."""
 
 
-class _StopFlag:
+class StopFlag:
     """Within its block, SIGTERM and SIGINT (Ctrl-C) only set `raised` to the signal's name
     (checked once per iteration): the run checkpoints and stops."""
 
@@ -645,11 +679,9 @@ def main(cfg: DictConfig) -> float | None:
         print(f"mwn: {e}", file=sys.stderr)
         sys.exit(130 if "SIGINT" in str(e) else 143)  # 128 + the signal, as if ended by it
     except Exception as e:
-        known = isinstance(e, (ConfigError, DataError, checkpoint.CheckpointError, NonFinite))
+        known = isinstance(e, KNOWN_ERRORS)
         if sweep:  # the job fails, the sweep goes on; the summary shows the error
-            message = str(e) if known else f"{type(e).__name__}: {e}"
-            log.error("mwn: error: %s", message, exc_info=not known)
-            error_file.write_text(json.dumps({"error": message}) + "\n")
+            fail_job(out_dir, e)
             return None
         if not known or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise  # a bug's traceback; or the user asked for it all
@@ -662,6 +694,18 @@ def main(cfg: DictConfig) -> float | None:
     return summary["final_test_acc"]
 
 
+# the errors of bad settings, data or checkpoints, and divergence: one line, no traceback
+KNOWN_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, NonFinite)
+
+
+def fail_job(out_dir: Path, e: Exception) -> None:
+    """A sweep job failed: log it and write its error.json (its row in the sweep summary)."""
+    known = isinstance(e, KNOWN_ERRORS)
+    message = str(e) if known else f"{type(e).__name__}: {e}"
+    log.error("mwn: error: %s", message, exc_info=None if known else e)
+    (out_dir / "error.json").write_text(json.dumps({"error": message}) + "\n")
+
+
 # what the ranks other than 0 give Hydra under torchrun: no run folder, config copy or log file
 # of their own (rank 0's run folder is the run's; train() receives it from rank 0)
 QUIET_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=stdout"]
@@ -669,6 +713,11 @@ QUIET_RANK = ["hydra.run.dir=.", "hydra.output_subdir=null", "hydra/job_logging=
 
 def check_ranks(argv: list[str], ranks: Ranks) -> str | None:
     """A one-line message for a torchrun command line that cannot work, or None."""
+    if ranks.torchrun and "hydra/launcher=vmap" in argv:
+        return (
+            "hydra/launcher=vmap under torchrun: torchrun trains one run; run a vectorised "
+            "sweep in one process (python -m mwn.train -m ... hydra/launcher=vmap)"
+        )
     if ranks.torchrun and any(a in ("-m", "--multirun") for a in argv):
         return (
             "-m/--multirun under torchrun: torchrun trains one run; sweep with one "
