@@ -90,7 +90,8 @@ def vectorised(step):
         def one(state, batch, meta_batch, lr):
             return step(model, meta_net, state, batch, meta_batch, lr, replace(hp, **state["hp"]))
 
-        return vmap(one, randomness="error")(state, batch, meta_batch, lr)
+        in_dims = (0, 0, None if meta_batch is None else 0, 0)  # ERM: no meta batch
+        return vmap(one, in_dims, randomness="error")(state, batch, meta_batch, lr)
 
     return group_step
 

@@ -1,0 +1,221 @@
+"""Vectorised groups (hydra/launcher=vmap, mwn.group): K runs in one vmapped step equal the same
+K runs done one by one.
+
+Not bit for bit: vmap turns K convolutions into one grouped convolution and K matrix products
+into one batched product, which sum in another order, and a padded meta-net sums over extra
+(zero) hidden units. So the exactness test is in float64, where that rounding is ~1e-16 per
+operation, against an independent loop over single-run steps; the fp32 end-to-end tests allow
+the rounding of fp32 (a few 1e-7 per step, grown over a few steps)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mwn import checkpoint
+from mwn.group import PER_RUN_HP, group_state, meta_shapes, plan_groups, run_state, vectorised
+from mwn.meta import init_state
+from mwn.methods import STEPS
+from mwn.models import MetaNet, build_classifier, extract_state
+from mwn.report import plot_run_or_note
+from mwn.train import check_ranks, train
+
+from conftest import FAST, ROOT, make_cfg, rel_err, run_cli, step_hp
+
+# four runs: seeds (initial weights, batches), meta learning rates, hidden sizes 50 and 100,
+# learning rates and weight decays, and batches of two label mixes (as two imbalance factors
+# give: the long tail's head class, 0, is most of run 2's and 3's batches)
+RUNS = [
+    dict(seed=0, hidden=50, lr=0.1, meta_lr=1e-2, weight_decay=5e-4, head=0.1),
+    dict(seed=1, hidden=100, lr=0.1, meta_lr=1e-3, weight_decay=5e-4, head=0.1),
+    dict(seed=2, hidden=50, lr=0.05, meta_lr=1e-3, weight_decay=1e-3, head=0.6),
+    dict(seed=3, hidden=100, lr=0.2, meta_lr=1e-2, weight_decay=0.0, head=0.6),
+]
+
+
+def _run(r: dict, method: str):
+    """A run's float64 model, meta-net, state and hyperparameters."""
+    torch.manual_seed(r["seed"])
+    model = build_classifier("resnet", 10, 1, 8, 4).double()
+    meta_net = MetaNet(r["hidden"], 1).double()
+    params, buffers = extract_state(model)
+    state = init_state(params, buffers, extract_state(meta_net)[0])
+    hp = step_hp(meta_lr=r["meta_lr"], weight_decay=r["weight_decay"], nesterov=True)
+    if method == "focal":
+        hp = replace(hp, focal_gamma=2.0)
+    return model, meta_net, state, hp
+
+
+def _batches(r: dict, it: int):
+    g = torch.Generator().manual_seed(1000 * r["seed"] + it)
+    x = torch.randn(16, 1, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 10, (16,), generator=g)
+    y = torch.where(torch.rand(16, generator=g) < r["head"], 0, y)
+    xm = torch.randn(10, 1, 6, 6, generator=g, dtype=torch.float64)
+    return (x, y), (xm, torch.randint(0, 10, (10,), generator=g))
+
+
+@pytest.mark.parametrize("method", ["mwn", "erm", "l2rw", "focal"])
+def test_a_group_step_equals_its_runs_one_by_one_in_float64(method):
+    runs = [_run(r, method) for r in RUNS]
+    step = STEPS[method]
+    singles = [state for _, _, state, _ in runs]
+    # the group: one meta-net of the largest hidden size, the runs' states padded to it
+    template = MetaNet(100, 1).double()
+    shapes, own_shapes = meta_shapes(template), [meta_shapes(m) for _, m, _, _ in runs]
+    hps = [{k: getattr(hp, k) for k in PER_RUN_HP} for *_, hp in runs]
+    group = group_state(singles, hps, shapes)
+    group_step = vectorised(step)
+    for it in range(4):
+        drawn = [_batches(r, it) for r in RUNS]
+        for k, (model, meta_net, _, hp) in enumerate(runs):  # one by one
+            singles[k], _ = step(model, meta_net, singles[k], *drawn[k], RUNS[k]["lr"], hp)
+        batch = tuple(torch.stack([d[0][i] for d in drawn]) for i in (0, 1))
+        meta_batch = tuple(torch.stack([d[1][i] for d in drawn]) for i in (0, 1))
+        lrs = torch.tensor([r["lr"] for r in RUNS], dtype=torch.float64)
+        group, _ = group_step(runs[0][0], template, group, batch, meta_batch, lrs, runs[0][3])
+    for k in range(len(RUNS)):
+        mine = run_state(group, k, own_shapes[k])
+        for part in ("params", "buffers", "momentum", "meta_params"):
+            assert rel_err(mine[part], singles[k][part]) < 1e-12, (k, part)
+        assert rel_err(mine["meta_opt"]["exp_avg"], singles[k]["meta_opt"]["exp_avg"]) < 1e-12
+    if method == "mwn":  # the meta-nets did move (different meta learning rates, per run)
+        moved = [
+            rel_err(run_state(group, k, own_shapes[k])["meta_params"], s["meta_params"])
+            for k, s in enumerate(_run(r, method)[2] for r in RUNS)
+        ]
+        assert min(moved) > 1e-6
+
+
+def test_padded_hidden_units_stay_exactly_zero_and_the_rest_trains_as_unpadded():
+    r = RUNS[0]  # hidden size 50, in a group padded to 100
+    model, meta_net, state, hp = _run(r, "mwn")
+    hp = replace(hp, meta_lr=0.05, meta_weight_decay=1e-3)  # large: the net moves a lot
+    template = MetaNet(100, 1).double()
+    shapes, own = meta_shapes(template), meta_shapes(meta_net)
+    group = group_state([state], [{k: getattr(hp, k) for k in PER_RUN_HP}], shapes)
+    for it in range(5):
+        (x, y), (xm, ym) = _batches(r, it)
+        state, _ = STEPS["mwn"](model, meta_net, state, (x, y), (xm, ym), 0.1, hp)
+        stacked = ((x[None], y[None]), (xm[None], ym[None]))
+        group, _ = vectorised(STEPS["mwn"])(
+            model, template, group, *stacked, torch.tensor([0.1], dtype=torch.float64), hp
+        )
+    padded = {k: v[0] for k, v in group["meta_params"].items()}
+    moments = [
+        {k: v[0] for k, v in group["meta_opt"][m].items()} for m in ("exp_avg", "exp_avg_sq")
+    ]
+    for tensors in (padded, *moments):  # units 50..99: incoming, bias and outgoing weights
+        assert tensors["net.0.weight"][50:].eq(0).all()
+        assert tensors["net.0.bias"][50:].eq(0).all()
+        assert tensors["net.2.weight"][:, 50:].eq(0).all()
+    first = run_state(group, 0, own)["meta_params"]
+    assert rel_err(first, state["meta_params"]) < 1e-12
+    assert rel_err(first, extract_state(meta_net)[0]) > 1e-3  # and they did train
+
+
+def test_jobs_group_by_what_they_share_in_job_order_and_at_most_max_runs():
+    cfgs = [
+        make_cfg("seed=0"),
+        make_cfg("seed=1", "meta_lr=1e-3", "hidden_size=50", "imbalance=10"),
+        make_cfg("method=erm"),
+        make_cfg("seed=2", "noise=uniform", "noise_rate=0.2", "lr=0.05"),
+        make_cfg("batch_size=50"),
+        make_cfg("seed=3"),
+    ]
+    assert plan_groups(cfgs, 16) == [[0, 1, 3, 5], [2], [4]]
+    assert plan_groups(cfgs, 3) == [[0, 1, 3], [5], [2], [4]]
+
+
+def _metrics(folder):
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_vectorised_group_writes_what_single_runs_write(tmp_path):
+    """fp32, the real trainer: seeds, meta learning rates, hidden sizes 50 and 100, two
+    imbalance factors; each job's folder as a single run's, values within fp32 rounding."""
+    from mwn.group import train_groups
+
+    jobs = [
+        "seed=0 hidden_size=50 imbalance=10",
+        "seed=1 meta_lr=1e-3 imbalance=50 weight_decay=1e-3",
+    ]
+    cfgs = [make_cfg(*FAST, "checkpoint_every=3", *j.split()) for j in jobs]
+    dirs = [tmp_path / "group" / str(i) for i in range(len(jobs))]
+    summaries = train_groups(cfgs, [d for d in dirs if d.mkdir(parents=True) is None], 16)
+    for i in range(len(cfgs)):
+        single = tmp_path / "single" / str(i)
+        expected = train(make_cfg(*FAST, "checkpoint_every=3", *jobs[i].split()), single)
+        plot_run_or_note(single)  # as mwn.train's main does after train()
+        group = dirs[i]
+        assert sorted(p.name for p in group.iterdir() if p.suffix != ".log") == sorted(
+            p.name for p in single.iterdir()
+        )
+        assert summaries[i]["train_class_counts"] == expected["train_class_counts"]
+        assert summaries[i]["final_test_acc"] == pytest.approx(expected["final_test_acc"], abs=0.21)
+        a, b = _metrics(group), _metrics(single)
+        assert [m["iter"] for m in a] == [m["iter"] for m in b]
+        for ma, mb in zip(a, b):
+            for key in ("loss", "weighted_loss", "meta_loss", "mean_weight"):
+                assert ma[key] == pytest.approx(mb[key], rel=1e-4), (i, ma["iter"], key)
+        sa, sb = [checkpoint.read(checkpoint.checkpoints(f)[0]) for f in (group, single)]
+        assert sa["config"] == sb["config"] and sa["iteration"] == sb["iteration"] == 6
+        for part in ("params", "momentum", "meta_params"):
+            assert {k: v.shape for k, v in sa["state"][part].items()} == {
+                k: v.shape for k, v in sb["state"][part].items()
+            }
+            assert rel_err(sa["state"][part], sb["state"][part]) < 1e-4, (i, part)
+
+
+def test_the_vmap_launcher_groups_a_sweep_and_a_diverging_job_fails_alone(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *FAST, "seed=0", "lr=0.1,1e5", "method=mwn,erm", "progress=none"]
+    out = run_cli(*args, "hydra/launcher=vmap", f"hydra.sweep.dir={sweep}", cwd=ROOT)
+    assert out.returncode == 1, out.stderr  # some jobs failed: the sweep summary says which
+    assert "vectorised group 1 of 2: 2 runs" in out.stderr + out.stdout
+    jobs = {
+        json.loads((sweep / str(i) / "error.json").read_text())["error"]
+        if (sweep / str(i) / "error.json").exists()
+        else "done"
+        for i in range(4)
+    }
+    assert "done" in jobs and any("non-finite" in j for j in jobs)
+    for i in range(4):
+        job = sweep / str(i)
+        assert (job / ".hydra" / "config.yaml").is_file() and (job / "train.log").is_file()
+        assert (job / "summary.json").is_file() != (job / "error.json").is_file()
+    table = (sweep / "summary.md").read_text()
+    assert table.count("| done |") == 2 and table.count("failed: iteration") == 2
+
+
+def test_a_group_resumes_from_its_jobs_checkpoints_bit_for_bit(tmp_path):
+    from mwn.compare import differences
+
+    base = [
+        "-m",
+        *FAST,
+        "seed=1",
+        "hidden_size=50,100",
+        "checkpoint_every=3",
+        "progress=none",
+        "hydra/launcher=vmap",
+    ]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert run_cli(*base, f"hydra.sweep.dir={straight}", cwd=ROOT).returncode == 0
+    first = run_cli(*base, "train_iters=3", f"hydra.sweep.dir={resumed}", cwd=ROOT)
+    assert first.returncode == 0, first.stderr
+    again = run_cli(*base, f"hydra.sweep.dir={resumed}", cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    for i in range(2):
+        assert differences(straight / str(i), resumed / str(i)) == []
+
+
+def test_vmap_under_torchrun_is_one_line():
+    from mwn.distributed import Ranks
+
+    ranks = Ranks(rank=0, world=2, local_rank=0, torchrun=True)
+    message = check_ranks(["-m", "seed=0,1", "hydra/launcher=vmap"], ranks)
+    assert message.startswith("hydra/launcher=vmap under torchrun")
