@@ -117,6 +117,8 @@ class _TrainBatchNorm(torch.autograd.Function):
     (means over batch and space, per channel). Updates the running statistics in place, as
     F.batch_norm does."""
 
+    generate_vmap_rule = True  # vmappable (vectorised groups, mwn.group): its body is torch ops
+
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, momentum, eps):
         return torch.native_batch_norm(
@@ -152,4 +154,4 @@ class _TrainBatchNorm(torch.autograd.Function):
         k = -a * m if weight_t is None else weight_t - a * m
         d = -a * mean_t if bias_t is None else bias_t - a * mean_t
         y_t = torch.addcmul(per_channel(d), per_channel(k * invstd), xc)
-        return y_t.addcmul_(per_channel(a), x_t), None, None
+        return torch.addcmul(y_t, per_channel(a), x_t), None, None  # (addcmul_ has no vmap rule)

@@ -10,6 +10,10 @@ hyperparameters of the trainer's composed config (its defaults, or the overrides
 Rounds visit the variants in rotating order so that machine drift hits all alike; the report is
 the median milliseconds per iteration, its ratio to ERM, extra peak memory per iteration, and
 the time to draw one augmented batch from the device-resident dataset.
+
+With --runs K1,K2,... each variant is also timed as a vectorised group of K runs (the step of
+hydra/launcher=vmap, mwn.group: K states, K different batches, one vmapped step), reported as
+"VARIANT xK": ms per group iteration, ms per run, and runs per second over K single runs'.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import torch
 from mwn.accel import channels_last, make_step
 from mwn.config import compose_config
 from mwn.data import DeviceImages, Sampler
+from mwn.group import PER_RUN_HP, group_state, meta_shapes, stack, vectorised
 from mwn.meta import StepHP, init_state
 from mwn.methods import STEPS
 from mwn.models import MetaNet, ResNet, extract_state
@@ -62,6 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds first (default 2)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    p.add_argument(
+        "--runs",
+        default="",
+        help="K1,K2,...: also time each variant as a vectorised group of K runs (e.g. 1,4,16)",
+    )
     p.add_argument("--json", default="bench.json", help="where to write the results")
     p.add_argument(
         "overrides",
@@ -79,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--fp16 and --cuda-graphs need --device cuda")
     if args.fp16 and args.bf16:
         p.error("--fp16 and --bf16: choose one")
+    try:
+        args.runs = [int(k) for k in args.runs.split(",") if k]
+    except ValueError:
+        p.error(f"--runs {args.runs}: allowed values are run counts, e.g. 1,4,16")
+    if any(k < 1 for k in args.runs):
+        p.error(f"--runs {args.runs}: allowed values are >= 1")
     if (args.fp16 or args.bf16) and "double_backward" in args.variants.split(","):
         args.variants = ",".join(v for v in args.variants.split(",") if v != "double_backward")
     return args
@@ -118,21 +134,32 @@ def setup(args: argparse.Namespace) -> dict:
         "focal": (STEPS["focal"], hp),
         "class_balanced": (STEPS["class_balanced"], hp),
     }
-    steps = {
-        name: make_step(fn, model, meta_net, shp, args.compile, args.cuda_graphs)
-        for name, (fn, shp) in specs.items()
-        if name in args.variants.split(",")
+    lr, batch, meta_batch = 0.1, draw(0, args.batch_size), draw(1, args.meta_batch_size)
+    chosen = [n for n in specs if n in args.variants.split(",")]
+    calls = {  # name -> (step, its arguments)
+        name: (
+            make_step(
+                specs[name][0], model, meta_net, specs[name][1], args.compile, args.cuda_graphs
+            ),
+            (state, batch, meta_batch, lr),
+        )
+        for name in chosen
     }
-    lr = 0.1
+    for k in args.runs:  # K runs (the same initial state, different batches) in one step
+        batches = stack([draw(2 + i, args.batch_size) for i in range(k)])
+        meta_batches = stack([draw(2 + k + i, args.meta_batch_size) for i in range(k)])
+        for name in chosen:
+            fn, shp = specs[name]
+            hps = [{f: getattr(shp, f) for f in PER_RUN_HP}] * k
+            group = group_state([state] * k, hps, meta_shapes(meta_net))
+            step = make_step(vectorised(fn), model, meta_net, shp, args.compile, args.cuda_graphs)
+            lrs = torch.full((k,), lr, device=device)
+            calls[f"{name} x{k}"] = (step, (group, batches, meta_batches, lrs))
     return {
         "hp": {name: shp for name, (_, shp) in specs.items()},
         "device": device,
-        "state": state,
-        "steps": steps,
+        "calls": calls,
         "draw": draw,
-        "batch": draw(0, args.batch_size),
-        "meta_batch": draw(1, args.meta_batch_size),
-        "lr": lr,
     }
 
 
@@ -145,7 +172,7 @@ def sync(device: torch.device) -> None:
 
 def time_variants(args: argparse.Namespace, env: dict) -> dict[str, list[float]]:
     """Milliseconds per call of each variant (and of drawing a batch), rounds interleaved."""
-    names = list(env["steps"])
+    names = list(env["calls"])
     times: dict[str, list[float]] = {n: [] for n in [*names, "data"]}
     for r in range(args.warmup + args.iters):
         order = names[r % len(names) :] + names[: r % len(names)]  # rotate: drift hits all
@@ -155,7 +182,8 @@ def time_variants(args: argparse.Namespace, env: dict) -> dict[str, list[float]]
             if name == "data":
                 env["draw"](r, args.batch_size)
             else:
-                env["steps"][name](env["state"], env["batch"], env["meta_batch"], env["lr"])
+                step, call_args = env["calls"][name]
+                step(*call_args)
             sync(env["device"])
             if r >= args.warmup:
                 times[name].append(1000 * (time.perf_counter() - t0))
@@ -166,8 +194,7 @@ def peak_memory_mb(env: dict, variant: str) -> float:
     """Extra peak memory of one (warmed-up) iteration over what was allocated before it, in MB:
     CUDA from the allocator's peak; CPU from the profiler's allocation events, summed in time
     order (the peak of live bytes the iteration allocated)."""
-    step, device = env["steps"][variant], env["device"]
-    args = (env["state"], env["batch"], env["meta_batch"], env["lr"])
+    (step, args), device = env["calls"][variant], env["device"]
     step(*args)  # warm: caches, compilation, capture
     sync(device)
     if device.type == "cuda":
@@ -197,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     erm = med.get("erm")
     memory = {}
     if not args.no_memory and not args.cuda_graphs:  # a replayed graph allocates nothing
-        memory = {v: peak_memory_mb(env, v) for v in env["steps"]}
+        memory = {v: peak_memory_mb(env, v) for v in env["calls"]}
     report = {
         "config": vars(args)
         | {
@@ -205,14 +232,25 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
         },
-        "step_hp": {k: asdict(v) for k, v in env["hp"].items() if k in env["steps"]},
+        "step_hp": {k: asdict(v) for k, v in env["hp"].items() if k in env["calls"]},
         "ms": med,
         "ms_all": times,
-        "ratio_to_erm": {k: med[k] / erm for k in env["steps"]} if erm else {},
+        "ratio_to_erm": {k: med[k] / erm for k in env["calls"] if " x" not in k} if erm else {},
         "extra_peak_memory_mb": memory,
     }
     if "mwn" in med and "double_backward" in med:
         report["mwn_over_double_backward"] = med["mwn"] / med["double_backward"]
+    if args.runs:  # per run, and K runs at once over K single runs (runs per second)
+        report["groups"] = {
+            name: {
+                "variant": name.split(" x")[0],
+                "runs": int(name.split(" x")[1]),
+                "ms_per_run": med[name] / int(name.split(" x")[1]),
+                "speedup_per_run": med[name.split(" x")[0]] * int(name.split(" x")[1]) / med[name],
+            }
+            for name in env["calls"]
+            if " x" in name
+        }
     if memory.get("erm"):
         report["memory_ratio_to_erm"] = {k: v / memory["erm"] for k, v in memory.items()}
     print_report(args, report)
@@ -239,13 +277,20 @@ def print_report(args: argparse.Namespace, report: dict) -> None:
     )
     print(f"{'variant':18s} {'ms/iter':>9s} {'x ERM':>7s} {'extra peak MB':>14s} {'x ERM':>7s}")  # noqa: E501
     for k, ms in report["ms"].items():
-        if k == "data":
+        if k == "data" or " x" in k:
             continue
         r = report["ratio_to_erm"].get(k, float("nan"))
         m = report["extra_peak_memory_mb"].get(k, float("nan"))
         mr = report.get("memory_ratio_to_erm", {}).get(k, float("nan"))
         print(f"{k:18s} {ms:9.2f} {r:7.2f} {m:14.1f} {mr:7.2f}")
     print(f"{'data (one batch)':18s} {report['ms']['data']:9.3f}")
+    if report.get("groups"):
+        print(f"{'vectorised group':18s} {'ms/iter':>9s} {'ms/run':>9s} {'runs/s x single':>16s}")
+        for name, g in report["groups"].items():
+            print(
+                f"{name:18s} {report['ms'][name]:9.2f} {g['ms_per_run']:9.2f} "
+                f"{g['speedup_per_run']:16.2f}"
+            )
     if "mwn_over_double_backward" in report:
         print(f"mwn / double_backward: {report['mwn_over_double_backward']:.2f}")
     print(f"wrote {args.json}")

@@ -58,8 +58,11 @@ def _batches(r: dict, it: int):
     return (x, y), (xm, torch.randint(0, 10, (10,), generator=g))
 
 
-@pytest.mark.parametrize("method", ["mwn", "erm", "l2rw", "focal"])
-def test_a_group_step_equals_its_runs_one_by_one_in_float64(method):
+@pytest.mark.parametrize("method", ["mwn", "erm", "l2rw", "focal", "mwn_jvp_rule"])
+def test_a_group_step_equals_its_runs_one_by_one_in_float64(method, monkeypatch):
+    if method == "mwn_jvp_rule":  # BatchNorm's own forward-mode rule (CIFAR-sized activations)
+        monkeypatch.setattr("mwn.batchnorm.JVP_RULE_MIN_SIZE", 0)
+        method = "mwn"
     runs = [_run(r, method) for r in RUNS]
     step = STEPS[method]
     singles = [state for _, _, state, _ in runs]
