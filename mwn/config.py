@@ -151,6 +151,7 @@ RENAMED = {
     "data.root": "dataset.root",
     "data.download": "dataset.download",
     "meta_size": "meta_per_class (the meta set is balanced: meta_size / classes per class)",
+    "vmap.max_runs": "hydra.launcher.max_runs (with hydra/launcher=vmap)",
 }
 POSITIVE_INTS = (
     "train_iters",
@@ -309,6 +310,10 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
                     return f"{key}={v}: allowed values are {' | '.join(allowed)}"
         if sep and key == "hydra/launcher" and (problem := _launcher_missing(value)):
             return f"{key}={value}: {problem}"
+        if sep and key == "hydra.launcher.max_runs":
+            for v in value.split(","):
+                if not v.isdigit() or int(v) < 1:
+                    return f"{key}={v}: allowed values are whole numbers >= 1"
         folder = sep and key in ("hydra.run.dir", "hydra.sweep.dir")
         if folder and (problem := _not_creatable(Path(value))):
             return f"{key}={value}: {problem}"

@@ -53,3 +53,21 @@ def test_bench_runs_bf16_and_drops_the_fp32_only_reference(tmp_path, capsys):
     assert "cpu bf16" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench.parse_args(["--bf16", "--fp16"])
+
+
+def test_bench_times_vectorised_groups_per_run(tmp_path, capsys):
+    args = [*TINY, "--variants", "erm,mwn", "--runs", "1,3", "--json", str(tmp_path / "b.json")]
+    report = bench.main(args)
+    assert set(report["groups"]) == {"erm x1", "mwn x1", "erm x3", "mwn x3"}
+    group = report["groups"]["mwn x3"]
+    assert group["variant"] == "mwn" and group["runs"] == 3
+    assert group["ms_per_run"] == pytest.approx(report["ms"]["mwn x3"] / 3)
+    assert group["speedup_per_run"] == pytest.approx(
+        3 * report["ms"]["mwn"] / report["ms"]["mwn x3"]
+    )
+    # memory is counted: three runs' activations at once hold more than two runs' worth
+    assert report["extra_peak_memory_mb"]["mwn x3"] > 2 * report["extra_peak_memory_mb"]["mwn"]
+    assert "mwn x3" in capsys.readouterr().out
+    for bad in ("0", "two"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--runs", bad])
