@@ -10,6 +10,11 @@ the rounding of fp32 (a few 1e-7 per step, grown over a few steps)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -214,6 +219,15 @@ def test_a_group_resumes_from_its_jobs_checkpoints_bit_for_bit(tmp_path):
     assert again.returncode == 0, again.stderr
     for i in range(2):
         assert differences(straight / str(i), resumed / str(i)) == []
+    # a job stopped under the vmap launcher resumes under the basic one (the same checkpoints)
+    basic = tmp_path / "basic"
+    assert run_cli(*base, "train_iters=3", f"hydra.sweep.dir={basic}", cwd=ROOT).returncode == 0
+    single = run_cli(*base[:-1], f"hydra.sweep.dir={basic}", cwd=ROOT)  # no hydra/launcher=vmap
+    assert single.returncode == 0, single.stderr
+    for i in range(2):
+        a, b = _metrics(basic / str(i)), _metrics(straight / str(i))
+        assert [m["iter"] for m in a] == [m["iter"] for m in b]
+        assert a[-1]["loss"] == pytest.approx(b[-1]["loss"], rel=1e-4)
 
 
 def test_vmap_under_torchrun_is_one_line():
@@ -222,3 +236,47 @@ def test_vmap_under_torchrun_is_one_line():
     ranks = Ranks(rank=0, world=2, local_rank=0, torchrun=True)
     message = check_ranks(["-m", "seed=0,1", "hydra/launcher=vmap"], ranks)
     assert message.startswith("hydra/launcher=vmap under torchrun")
+
+
+def test_sigterm_checkpoints_every_run_of_the_group_and_the_sweep_resumes(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        "train_iters=60",
+        "val_every=30",
+        "log_every=3",
+        "model.width=4",
+        "checkpoint_every=1000",
+        "seed=0,1",
+        "progress=none",
+        "hydra/launcher=vmap",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mwn.train", *args],
+        cwd=ROOT,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    metrics, deadline = sweep / "1" / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.exists() and metrics.read_text()):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("mwn: stopped by SIGTERM at iteration ") and "of 2 runs (0, 1)" in last
+    stopped_at = int(last.split("iteration ")[1].split(";")[0])
+    for job in ("0", "1"):
+        assert checkpoint.checkpoints(sweep / job)[0].name == f"checkpoint-{stopped_at}.pt"
+    again = run_cli(*args, cwd=ROOT)
+    assert again.returncode == 0, again.stderr
+    for job in ("0", "1"):
+        iters = [m["iter"] for m in _metrics(sweep / job)]
+        assert iters == list(range(3, 61, 3))  # no line lost, none twice
+        assert json.loads((sweep / job / "summary.json").read_text())["iterations"] == 60
