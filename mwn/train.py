@@ -329,12 +329,14 @@ def resume(run: Run) -> tuple[dict, Tally]:
                 f"resume={run.cfg.resume!r}: no checkpoint-*.pt in {run.out_dir}"
             )
         return initial_state(run), Tally()
-    checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
-    if ckpt["iteration"] > run.cfg.train_iters:
-        raise ConfigError(
-            f"train_iters={run.cfg.train_iters}: the run in {run.out_dir} has done "
-            f"{ckpt['iteration']} iterations; allowed values are >= {ckpt['iteration']}"
-        )
+    saved = ckpt.get("hydra_files", {}) if run.ranks.main else {}
+    with checkpoint.restoring_hydra_files(run.out_dir, saved):  # a refusal leaves them as saved
+        checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
+        if ckpt["iteration"] > run.cfg.train_iters:
+            raise ConfigError(
+                f"train_iters={run.cfg.train_iters}: the run in {run.out_dir} has done "
+                f"{ckpt['iteration']} iterations; allowed values are >= {ckpt['iteration']}"
+            )
     checkpoint.set_rng_states(ckpt["rng"])
     log.info("resuming from %s at iteration %d", ckpt["path"], ckpt["iteration"])
     if ckpt.get("world", 1) != run.ranks.world:  # global batches: same data, same arithmetic
@@ -465,6 +467,8 @@ class Recorder:
         self.stop = _StopFlag()
         start, cfg = tally.start, run.cfg
         self.progress = Progress(cfg.progress if self.active else "none", cfg.train_iters, start)
+        # the Hydra files of the run, read once it holds the folder and its resume is accepted
+        self.hydra_files = checkpoint.hydra_files(run.out_dir) if self.active else {}
         self.board = None
         if self.active and cfg.logger.name == "tensorboard":
             self.board = TensorBoard(run.out_dir, start)
@@ -538,6 +542,7 @@ class Recorder:
             "elapsed_s": self.elapsed_s(tally),
             "rng": checkpoint.rng_states(),
             "world": self.run.ranks.world,
+            "hydra_files": self.hydra_files,
         }
         return checkpoint.save(self.run.out_dir, done, payload)
 
