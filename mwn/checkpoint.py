@@ -4,6 +4,9 @@
 crash leaves either the complete new file or none; the previous checkpoint is deleted only
 after that. Loading takes the newest file; a corrupt one is an error naming it, and the one
 before it is used only when the user asks (`resume_fallback=true`).
+
+Each checkpoint also keeps the text of the run folder's Hydra files (`.hydra/config.yaml`, ...):
+Hydra rewrites them before the run starts, so a resume that is then refused puts them back.
 """
 
 from __future__ import annotations
@@ -96,6 +99,30 @@ def hold(folder: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # in the run folder's .hydra/
+
+
+def hydra_files(folder: Path) -> dict[str, str]:
+    """The text of the run folder's Hydra files that exist, by name."""
+    paths = {name: folder / ".hydra" / name for name in HYDRA_FILES}
+    return {name: p.read_text() for name, p in paths.items() if p.is_file()}
+
+
+@contextlib.contextmanager
+def restoring_hydra_files(folder: Path, saved: dict[str, str]):
+    """On an error in the block, write back the Hydra files a checkpoint kept (`saved`, from
+    hydra_files; checkpoints older than this keep none), which Hydra overwrote for this
+    attempt: the folder goes on describing the run its checkpoints hold."""
+    try:
+        yield
+    except Exception:
+        if saved:
+            (folder / ".hydra").mkdir(exist_ok=True)
+        for name, text in saved.items():
+            (folder / ".hydra" / name).write_text(text)
+        raise
 
 
 def checkpoint_path(folder: Path, iteration: int) -> Path:

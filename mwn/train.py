@@ -330,12 +330,14 @@ def resume(run: Run) -> tuple[dict, Tally]:
                 f"resume={run.cfg.resume!r}: no checkpoint-*.pt in {run.out_dir}"
             )
         return initial_state(run), Tally()
-    checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
-    if ckpt["iteration"] > run.cfg.train_iters:
-        raise ConfigError(
-            f"train_iters={run.cfg.train_iters}: the run in {run.out_dir} has done "
-            f"{ckpt['iteration']} iterations; allowed values are >= {ckpt['iteration']}"
-        )
+    saved = ckpt.get("hydra_files", {}) if run.ranks.main else {}
+    with checkpoint.restoring_hydra_files(run.out_dir, saved):  # a refusal leaves them as saved
+        checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
+        if ckpt["iteration"] > run.cfg.train_iters:
+            raise ConfigError(
+                f"train_iters={run.cfg.train_iters}: the run in {run.out_dir} has done "
+                f"{ckpt['iteration']} iterations; allowed values are >= {ckpt['iteration']}"
+            )
     checkpoint.set_rng_states(ckpt["rng"])
     log.info("resuming from %s at iteration %d", ckpt["path"], ckpt["iteration"])
     if ckpt.get("world", 1) != run.ranks.world:  # global batches: same data, same arithmetic
@@ -495,6 +497,8 @@ class Recorder:
         mode = cfg.progress if self.active and not label else "none"
         self.progress = Progress(mode, cfg.train_iters, start)
         self.rng: dict | None = None  # the global RNG states to save (None: the current ones)
+        # the Hydra files of the run, read once it holds the folder and its resume is accepted
+        self.hydra_files = checkpoint.hydra_files(run.out_dir) if self.active else {}
         self.board = None
         if self.active and cfg.logger.name == "tensorboard":
             self.board = TensorBoard(run.out_dir, start)
@@ -572,6 +576,7 @@ class Recorder:
             "elapsed_s": self.elapsed_s(tally),
             "rng": self.rng or checkpoint.rng_states(),
             "world": self.run.ranks.world,
+            "hydra_files": self.hydra_files,
         }
         return checkpoint.save(self.run.out_dir, done, payload)
 

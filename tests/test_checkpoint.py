@@ -14,6 +14,7 @@ import torch
 from mwn import checkpoint
 from mwn.checkpoint import CheckpointError
 from mwn.config import ConfigError
+from mwn.report import read_job
 from mwn.train import NonFinite, train
 
 from conftest import ROOT, assert_same_run, make_cfg, run_cli
@@ -254,3 +255,70 @@ def test_a_full_disk_removes_the_temporary_file_and_says_what_is_needed(tmp_path
     ):
         checkpoint.save(tmp_path, 3, {"x": torch.zeros(3)})
     assert list(tmp_path.iterdir()) == []
+
+
+def hydra_files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((folder / ".hydra").glob("*.yaml"))}
+
+
+def test_a_refused_resume_leaves_the_folders_hydra_files_as_they_were(tmp_path):
+    """Hydra rewrites .hydra/ before the run starts: a refused resume puts back the copies its
+    checkpoint kept, so the folder still describes the run its checkpoints hold."""
+    folder = tmp_path / "run"
+    args = ["val_every=10", "checkpoint_every=10", "model.width=4", f"hydra.run.dir={folder}"]
+    first = run_cli(*args, "train_iters=20", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = hydra_files(folder)
+    assert sorted(before) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    for change, message in [
+        (
+            ["train_iters=20", "meta_grad=double_backward"],
+            "was written with meta_grad='jvp', this run has meta_grad='double_backward'",
+        ),
+        (["train_iters=10"], f"train_iters=10: the run in {folder} has done 20 iterations"),
+    ]:
+        refused = run_cli(*args, *change, cwd=tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        errors = [s for s in refused.stderr.splitlines() if s.startswith("mwn: error: ")]
+        assert len(errors) == 1 and message in errors[0], refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert hydra_files(folder) == before, change
+    # an accepted resume describes itself, and keeps that in its checkpoints
+    resumed = run_cli(*args, "train_iters=30", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "- train_iters=30" in (folder / ".hydra" / "overrides.yaml").read_text()
+    kept = checkpoint.read(checkpoint.checkpoints(folder)[0])["hydra_files"]
+    assert {k: v.encode() for k, v in kept.items()} == hydra_files(folder)
+
+
+def test_a_refused_resume_of_a_sweep_leaves_each_jobs_hydra_files(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "seed=0,1", "train_iters=10", "val_every=10", "model.width=4"]
+    first = run_cli(*args, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = {job: hydra_files(sweep / job) for job in ("0", "1")}
+    refused = run_cli(*args, "lr=0.2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert refused.returncode == 1 and "2 of 2 jobs failed" in refused.stderr
+    for job in ("0", "1"):
+        assert hydra_files(sweep / job) == before[job]
+        row = read_job(sweep / job)  # the sweep summary's row: the job's own overrides
+        assert row["overrides"] == {
+            "seed": job,
+            "train_iters": "10",
+            "val_every": "10",
+            "model.width": "4",
+        }
+        assert "was written with lr=0.05, this run has lr=0.2" in row["error"]
+
+
+def test_a_checkpoint_without_hydra_files_still_resumes_and_refuses(tmp_path):
+    train(make_cfg(*FAST, "train_iters=10"), tmp_path)
+    newest = checkpoint.checkpoints(tmp_path)[0]
+    payload = checkpoint.read(newest)
+    del payload["hydra_files"]  # as written before checkpoints kept them
+    checkpoint.save(tmp_path, payload["iteration"], payload)
+    with pytest.raises(CheckpointError, match=r"was written with lr=0.05, this run has lr=0.2"):
+        train(make_cfg(*FAST, "lr=0.2"), tmp_path)
+    with pytest.raises(ConfigError, match=r"train_iters=5: the run in .* has done 10"):
+        train(make_cfg(*FAST, "train_iters=5"), tmp_path)
+    assert train(make_cfg(*FAST), tmp_path)["iterations"] == 30
