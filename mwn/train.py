@@ -134,6 +134,8 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
     out_dir = run_folder(cfg, out_dir)
     if cfg.resume and not out_dir.is_dir():
         raise ConfigError(f"resume={cfg.resume!r}: no such run folder")
+    if cfg.resume and not os.access(out_dir, os.W_OK | os.X_OK):  # (root passes any folder)
+        raise ConfigError(f"resume={cfg.resume!r}: the run folder is not writable here")
     out_dir = ranks.broadcast(out_dir.absolute())  # rank 0's; it must be on a shared filesystem
     if ranks.main:
         out_dir.mkdir(parents=True, exist_ok=True)

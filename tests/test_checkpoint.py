@@ -126,6 +126,19 @@ def test_resume_points_at_another_run_folder(tmp_path):
         train(make_cfg(*FAST, f"resume={tmp_path / 'nowhere'}"), tmp_path / "y")
 
 
+def test_resume_of_a_read_only_folder_is_one_line(tmp_path, monkeypatch):
+    """The folder's permissions through os.access (root, who runs these tests, may write
+    anywhere, so a chmod would not show it)."""
+    train(make_cfg(*FAST, "train_iters=10"), tmp_path / "run")
+    real_access = os.access
+    read_only = lambda path, mode: (
+        real_access(path, mode) and not (Path(path) == tmp_path / "run" and mode & os.W_OK)
+    )
+    monkeypatch.setattr(os, "access", read_only)
+    with pytest.raises(ConfigError, match=r"resume='.*run': the run folder is not writable here"):
+        train(make_cfg(*FAST, f"resume={tmp_path / 'run'}"), tmp_path / "other")
+
+
 def test_checkpoint_files_are_written_atomically(tmp_path):
     path = checkpoint.save(tmp_path, 7, {"x": torch.ones(3)})
     assert path.name == "checkpoint-7.pt" and not list(tmp_path.glob("*.tmp"))
