@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils._pytree import tree_map
 
 PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
 
@@ -132,6 +133,18 @@ def checkpoint_path(folder: Path, iteration: int) -> Path:
 TRAILER = b"mwn-sha256:"  # after the torch.save bytes: this tag and the SHA-256 of those bytes
 
 
+def compact(tree):
+    """Tensors that view a larger storage (a vectorised group's run: a slice of the stacked
+    state) copied out; torch.save would write the whole storage, every run of the group."""
+
+    def own(t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        return t.clone() if t.untyped_storage().nbytes() > t.numel() * t.element_size() else t
+
+    return tree_map(own, tree)
+
+
 def save(folder: Path, iteration: int, payload: dict, keep: int = 2) -> Path:
     """Write checkpoint-<iteration>.pt atomically, with a SHA-256 of its content at the end
     (torch.load checks none); keep the `keep` newest. On a failed write (a full disk) the
@@ -139,7 +152,7 @@ def save(folder: Path, iteration: int, payload: dict, keep: int = 2) -> Path:
     path = checkpoint_path(folder, iteration)
     tmp = folder / f".{path.name}.tmp"
     buffer = io.BytesIO()
-    torch.save(payload, buffer)
+    torch.save(compact(payload), buffer)
     raw = buffer.getvalue()
     try:
         with open(tmp, "wb") as f:
