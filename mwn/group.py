@@ -32,7 +32,6 @@ from torch.utils._pytree import tree_map
 from mwn import checkpoint
 from mwn.accel import make_step
 from mwn.distributed import LOCAL, ONE, Reduce
-from mwn.methods import BETWEEN_META_STEPS, STEPS
 from mwn.models import MetaNet
 from mwn.monitor import Progress
 from mwn.optim import step_lr
@@ -50,6 +49,7 @@ from mwn.train import (
     fail_job,
     result_line,
     resume,
+    step_functions,
     summarise,
 )
 
@@ -268,12 +268,9 @@ def train_together(members: list[Member], stop: StopFlag) -> None:
     state = group_state([m.state for m in members], hps, shapes)
     for m in members:
         m.state = None
-    fns = [STEPS[str(cfg.method)]]
-    if cfg.meta_interval > 1:
-        fns.append(BETWEEN_META_STEPS[str(cfg.method)])
     steps = [
         make_step(vectorised(fn), first.model, meta_net, first.hp, cfg.compile, cfg.cuda_graphs)
-        for fn in fns
+        for fn in step_functions(cfg)
     ]
     start, end = members[0].tally.start, max(m.run.cfg.train_iters for m in members)
     progress = Progress(cfg.progress, end, start)

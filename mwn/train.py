@@ -158,12 +158,9 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
     # collectives run on every rank, so rank 0's validation uses the plain model)
     step_model = synchronised(model) if cfg.sync_bn and ranks.torchrun else model
     reduce = AllReduce(ranks.world, cfg.sync_bn) if ranks.torchrun else LOCAL
-    steps = [STEPS[str(cfg.method)]]  # the step; with meta_interval > 1 also the one between
-    if cfg.meta_interval > 1:
-        steps.append(BETWEEN_META_STEPS[str(cfg.method)])
     step, *between = [
         make_step(fn, step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce)
-        for fn in steps
+        for fn in step_functions(cfg)
     ]
     log.info(
         "%s: %s-%d, %d parameters; meta-net %d parameters",
@@ -200,6 +197,14 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
         settings,
         between[0] if between else None,
     )
+
+
+def step_functions(cfg: DictConfig) -> list:
+    """The method's step; with meta_interval > 1 also the one between meta updates."""
+    fns = [STEPS[str(cfg.method)]]
+    if cfg.meta_interval > 1:
+        fns.append(BETWEEN_META_STEPS[str(cfg.method)])
+    return fns
 
 
 def resolve_schedule(cfg: DictConfig, per_epoch: int) -> None:
