@@ -90,6 +90,7 @@ class Config:
     seed: int = MISSING
     imbalance: float = MISSING
     meta_per_class: int = MISSING
+    train_per_class: Optional[int] = MISSING  # noqa: UP045
     noise: Noise = MISSING
     noise_rate: float = MISSING
     focal_gamma: float = MISSING
@@ -218,6 +219,11 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
         need(OmegaConf.select(cfg, key) >= 0, key, "real numbers >= 0")
     need(0 < cfg.lr_gamma <= 1, "lr_gamma", "real numbers in (0, 1]")
     need(cfg.epochs is None or cfg.epochs >= 1, "epochs", "null or integers >= 1")
+    need(
+        cfg.train_per_class is None or cfg.train_per_class >= 1,
+        "train_per_class",
+        "null or integers >= 1",
+    )
     need(
         cfg.lr_epochs is None or all(e >= 1 for e in cfg.lr_epochs),
         "lr_epochs",

@@ -262,12 +262,20 @@ def long_tail_counts(n_max: int, num_classes: int, imbalance: float) -> list[int
 
 
 def make_long_tail(
-    labels: torch.Tensor, pool: torch.Tensor, num_classes: int, imbalance: float, seed: int
+    labels: torch.Tensor,
+    pool: torch.Tensor,
+    num_classes: int,
+    imbalance: float,
+    seed: int,
+    per_class_cap: int | None = None,
 ) -> tuple[torch.Tensor, list[int]]:
     """Subsample `pool` (indices into labels) to the long-tail counts; n_max is the smallest
-    class count in the pool. Returns (sorted kept indices, per-class counts)."""
+    class count in the pool, or `per_class_cap` when that is smaller (a smaller training set).
+    Returns (sorted kept indices, per-class counts)."""
     per_class = [pool[labels[pool] == c] for c in range(num_classes)]
     n_max = min(len(p) for p in per_class)
+    if per_class_cap is not None:
+        n_max = min(n_max, per_class_cap)
     counts = long_tail_counts(n_max, num_classes, imbalance)
     if counts[-1] < 1:  # n_max * n_max^-1 may round below 1: then n_max itself is too large
         bound = "<=" if long_tail_counts(n_max, num_classes, n_max)[-1] >= 1 else "<"

@@ -64,6 +64,7 @@ VECTORISED = {
     "noise",
     "noise_rate",
     "meta_per_class",
+    "train_per_class",
     "lr",
     "lr_milestones",
     "lr_gamma",

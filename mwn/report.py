@@ -56,7 +56,7 @@ HEADS = {
 }
 OPTIONAL = ("final_noise_auc",)  # shown when some job has it (label-noise runs of MWN)
 # what a job ran, from its summary.json (defaults included): the key of the published accuracy
-RUN_KEYS = ("dataset", "model", "imbalance", "noise", "noise_rate", "method")
+RUN_KEYS = ("dataset", "model", "imbalance", "train_per_class", "noise", "noise_rate", "method")
 PAPER_FIELDS = ("paper_test_acc", "delta_to_paper")  # CSV columns with --paper
 PAPER_NOTE = (
     "paper: the published final test accuracy of Shu et al., NeurIPS 2019 (Meta-Weight-Net, "
@@ -95,6 +95,8 @@ def published_acc(run: dict | None) -> float | None:
     if not run or None in (run.get("dataset"), run.get("imbalance"), run.get("method")):
         return None
     if (run.get("model") or "resnet32") != "resnet32":  # the paper's numbers are ResNet32's
+        return None
+    if run.get("train_per_class") is not None:  # the paper trained on the whole split
         return None
     noise, rate = run.get("noise") or "none", run.get("noise_rate") or 0.0
     return paper.published(run["dataset"], run["imbalance"], noise, rate, run["method"])

@@ -228,7 +228,9 @@ def build_data(cfg: DictConfig, device: torch.device) -> Data:
     images, mean, std = read_images(cfg)
     C = images.num_classes
     meta_idx, pool = split_meta(images.train_y, C, cfg.meta_per_class, cfg.seed)
-    train_idx, counts = make_long_tail(images.train_y, pool, C, cfg.imbalance, cfg.seed)
+    train_idx, counts = make_long_tail(
+        images.train_y, pool, C, cfg.imbalance, cfg.seed, cfg.train_per_class
+    )
     train_y, noisy, noise = apply_noise(
         images.train_y[train_idx], train_idx, C, str(cfg.noise), cfg.noise_rate, cfg.seed
     )
@@ -605,6 +607,7 @@ def summarise(run: Run, state: dict, tally: Tally) -> dict:
         "method": str(cfg.method),
         "model": f"{cfg.model.arch}{cfg.model.depth}",
         "imbalance": cfg.imbalance,
+        "train_per_class": cfg.train_per_class,
         "seed": cfg.seed,
         "final_test_acc": last["test_acc"],
         "best_test_acc": best["test_acc"],

@@ -53,6 +53,21 @@ def test_long_tail_subsample_has_the_counts_and_comes_from_the_pool():
         make_long_tail(labels, pool, 10, 500.0, seed=0)
 
 
+def test_a_per_class_cap_sets_n_max_when_it_is_smaller_than_the_pool():
+    labels = torch.arange(10).repeat_interleave(200)
+    _, pool = split_meta(labels, 10, 10, seed=0)
+    kept, counts = make_long_tail(labels, pool, 10, 10.0, seed=0, per_class_cap=50)
+    assert counts == [50, 38, 29, 23, 17, 13, 10, 8, 6, 5]  # int(50 * 10^(-c/9)), by hand
+    assert torch.bincount(labels[kept], minlength=10).tolist() == counts
+    assert set(kept.tolist()) <= set(pool.tolist())
+    full, _ = make_long_tail(labels, pool, 10, 10.0, seed=0, per_class_cap=190)
+    assert torch.equal(full, make_long_tail(labels, pool, 10, 10.0, seed=0)[0])  # cap = n_max
+    wide, _ = make_long_tail(labels, pool, 10, 1.0, seed=0, per_class_cap=10_000)  # above n_max
+    assert len(wide) == 1900
+    with pytest.raises(DataError, match=r"imbalance=100: leaves the last class.*n_max=50"):
+        make_long_tail(labels, pool, 10, 100.0, seed=0, per_class_cap=50)
+
+
 def test_sampler_epochs_are_permutations_and_batches_replayable():
     s = Sampler(250, 100, seed=1, stream=0, what="batch_size")
     epoch0 = torch.cat([s.indices(0), s.indices(1)])

@@ -454,3 +454,5 @@ def test_the_paper_is_compared_only_with_resnet32_runs():
     assert report.published_acc({**run, "model": "resnet32"}) == 75.21
     assert report.published_acc(run) == 75.21  # summaries written before the model was recorded
     assert report.published_acc({**run, "model": "resnet8"}) is None
+    assert report.published_acc({**run, "train_per_class": 500}) is None  # a smaller training set
+    assert report.published_acc({**run, "train_per_class": None}) == 75.21

@@ -76,6 +76,7 @@ def test_typos_and_wrong_types_fail_at_composition(override):
         ("cuda_graphs=true", "cuda_graphs=true: needs a CUDA device"),
         ("model.depth=9", "model.depth=9: allowed values are 6n + 2 >= 8"),
         ("seed=-1", "seed=-1: allowed values are integers in [0, 2^32)"),
+        ("train_per_class=0", "train_per_class=0: allowed values are null or integers >= 1"),
     ],
 )
 def test_bad_values_raise_a_config_error_naming_the_setting(tmp_path, override, message):
