@@ -49,6 +49,7 @@ from mwn.train import (
     fail_job,
     result_line,
     resume,
+    step_at,
     step_functions,
     summarise,
 )
@@ -286,7 +287,7 @@ def train_together(members: list[Member], stop: StopFlag) -> None:
                 step_lr(m.run.cfg.lr, it, m.run.cfg.lr_milestones, m.run.cfg.lr_gamma)
                 for m in members
             ]
-            step = steps[0] if len(steps) == 1 or it % cfg.meta_interval == 0 else steps[1]
+            step = step_at(steps, it, cfg.meta_interval)
             state, metrics = step(state, batch, meta_batch, torch.tensor(lrs, device=device))
             finite = torch.isfinite(torch.stack(list(metrics.values()), 1)).tolist()
             stopped = []

@@ -116,15 +116,11 @@ class Run:
     model: torch.nn.Module  # the classifier (stateless: its state lives in the state dict)
     meta_net: torch.nn.Module
     hp: StepHP
-    step: object  # (state, batch, meta_batch, lr) -> (state, metrics); mwn.accel.make_step
+    # (state, batch, meta_batch, lr) -> (state, metrics), mwn.accel.make_step: the method's
+    # step, and with meta_interval > 1 the one between meta updates (step_functions)
+    steps: list
     batches: Batches
     settings: dict = field(default_factory=dict)  # the resolved config, kept in checkpoints
-    between: object = None  # meta_interval > 1: the step of the iterations between meta updates
-
-    def step_at(self, it: int):
-        """The step of iteration `it` (the meta update every meta_interval-th iteration)."""
-        meta_update = self.between is None or it % self.cfg.meta_interval == 0
-        return self.step if meta_update else self.between
 
 
 def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
@@ -158,7 +154,7 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
     # collectives run on every rank, so rank 0's validation uses the plain model)
     step_model = synchronised(model) if cfg.sync_bn and ranks.torchrun else model
     reduce = AllReduce(ranks.world, cfg.sync_bn) if ranks.torchrun else LOCAL
-    step, *between = [
+    steps = [
         make_step(fn, step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce)
         for fn in step_functions(cfg)
     ]
@@ -192,10 +188,9 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
         model,
         meta_net,
         hp,
-        step,
+        steps,
         batches,
         settings,
-        between[0] if between else None,
     )
 
 
@@ -205,6 +200,12 @@ def step_functions(cfg: DictConfig) -> list:
     if cfg.meta_interval > 1:
         fns.append(BETWEEN_META_STEPS[str(cfg.method)])
     return fns
+
+
+def step_at(steps: list, it: int, meta_interval: int):
+    """The step of iteration `it` among step_functions' steps: the method's (with its meta
+    update) every meta_interval-th iteration, the one between meta updates otherwise."""
+    return steps[0] if it % meta_interval == 0 else steps[1]
 
 
 def resolve_schedule(cfg: DictConfig, per_epoch: int) -> None:
@@ -373,7 +374,7 @@ def loop(run: Run, state: dict, tally: Tally, recorder: Recorder) -> tuple[dict,
         batch, meta_batch, batch_index = run.batches(it)
 
         # one iteration: weights, lookahead, meta-gradient, meta update, classifier update
-        step = run.step_at(it)
+        step = step_at(run.steps, it, cfg.meta_interval)
         state, metrics = step(state, batch, meta_batch, lr)
 
         # what follows: the finiteness check, validation and logging, checkpoints
