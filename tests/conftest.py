@@ -18,6 +18,13 @@ from mwn.compare import differences
 from mwn.config import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N test processes share the cores
+    # one intra-op thread each (OpenMP threads of several processes on the same cores spin
+    # against each other); the command-line runs a test starts inherit it
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 FAST = ["train_iters=6", "val_every=3", "log_every=2", "model.width=4"]  # a run in seconds
 
 
