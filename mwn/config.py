@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mwn.meta import META_GRADS
 from mwn.methods import STEPS
+from mwn.models import META_INITS
 
 
 class ConfigError(ValueError):
@@ -41,6 +42,7 @@ class Choice(str, Enum):
 Method = Choice("Method", [(v, v) for v in STEPS])
 MetaGrad = Choice("MetaGrad", [(v, v) for v in META_GRADS])
 Noise = Choice("Noise", [(v, v) for v in ("none", "uniform", "flip", "flip2")])
+MetaInit = Choice("MetaInit", [(v, v) for v in META_INITS])
 Arch = Choice("Arch", [(v, v) for v in ("resnet", "wrn")])
 Device = Choice("Device", [(v, v) for v in ("auto", "cpu", "cuda", "mps")])
 Logger = Choice("Logger", [(v, v) for v in ("none", "tensorboard")])
@@ -110,6 +112,7 @@ class Config:
     meta_weight_decay: float = MISSING
     hidden_size: int = MISSING
     num_layers: int = MISSING
+    meta_init: MetaInit = MISSING
     normalize_weights: bool = MISSING
     rollback: bool = MISSING
     fp16: bool = MISSING

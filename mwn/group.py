@@ -73,6 +73,7 @@ VECTORISED = {
     "lr_epochs",
     "train_iters",
     "hidden_size",
+    "meta_init",
     "class_balanced_beta",
     "resume",
     "resume_fallback",

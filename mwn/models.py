@@ -116,17 +116,31 @@ class WideResNet(nn.Module):
         return self.fc(x.mean(dim=(2, 3)))
 
 
-class MetaNet(nn.Module):
-    """Loss -> weight: 1 -> hidden_size (x num_layers, ReLU) -> 1, sigmoid. Input is (B,)."""
+META_INITS = ("random", "flat")
 
-    def __init__(self, hidden_size: int = 100, num_layers: int = 1) -> None:
+
+class MetaNet(nn.Module):
+    """Loss -> weight: 1 -> hidden_size (x num_layers, ReLU) -> 1, sigmoid. Input is (B,).
+
+    init: random = PyTorch's Linear initialisation everywhere (the original code's), so the
+    starting weight function has a random slope over the loss, rising for some seeds and falling
+    for others; flat = the same, then the output layer set to zero, so every sample starts at
+    weight 0.5 whatever its loss and the meta set alone decides the slope. Both draw the same
+    random numbers (what is initialised after the meta-net does not change)."""
+
+    def __init__(self, hidden_size: int = 100, num_layers: int = 1, init: str = "random") -> None:
         super().__init__()
+        if init not in META_INITS:
+            raise ValueError(f"init={init!r}: allowed values are {' | '.join(META_INITS)}")
         layers: list[nn.Module] = []
         width = 1
         for _ in range(num_layers):
             layers += [nn.Linear(width, hidden_size), nn.ReLU()]
             width = hidden_size
         layers.append(nn.Linear(width, 1))
+        if init == "flat":
+            nn.init.zeros_(layers[-1].weight)
+            nn.init.zeros_(layers[-1].bias)
         self.net = nn.Sequential(*layers)
 
     def forward(self, loss: torch.Tensor) -> torch.Tensor:

@@ -148,7 +148,7 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
     model = build_classifier(
         str(m.arch), data.num_classes, data.train.x.shape[1], m.depth, m.width
     ).to(device)
-    meta_net = MetaNet(cfg.hidden_size, cfg.num_layers).to(device)
+    meta_net = MetaNet(cfg.hidden_size, cfg.num_layers, str(cfg.meta_init)).to(device)
     hp = StepHP.from_config(cfg)
     # with sync_bn, the step's BatchNorm normalises with the global batch's statistics (its
     # collectives run on every rank, so rank 0's validation uses the plain model)

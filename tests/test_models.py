@@ -57,6 +57,23 @@ def test_meta_net_shapes_and_range():
     assert w.shape == (7,) and bool(((w > 0) & (w < 1)).all())
 
 
+def test_a_flat_meta_net_weighs_every_loss_one_half_and_draws_what_the_random_one_draws():
+    torch.manual_seed(3)
+    random = MetaNet(20, num_layers=2)
+    after_random = torch.rand(3)
+    torch.manual_seed(3)
+    flat = MetaNet(20, num_layers=2, init="flat")
+    assert torch.equal(torch.rand(3), after_random)  # the same random numbers consumed
+    drawn = dict(random.named_parameters())
+    for name, p in flat.named_parameters():
+        last = name.startswith("net.4.")  # Linear, ReLU, Linear, ReLU, Linear(20, 1)
+        assert torch.equal(p, torch.zeros_like(p) if last else drawn[name])
+    assert torch.equal(flat(torch.linspace(0, 10, 7)), torch.full((7,), 0.5))
+    assert not torch.allclose(random(torch.linspace(0, 10, 7)), torch.full((7,), 0.5))
+    with pytest.raises(ValueError, match=r"init='zero': allowed values are random \| flat"):
+        MetaNet(init="zero")
+
+
 def test_extract_state_copies():
     model = ResNet(10, depth=8)
     params, _ = extract_state(model)

@@ -58,6 +58,7 @@ def test_overrides_work_as_written(override, key, value):
         "method=l2rv",
         "noise=gaussian",
         "model.arch=vgg",
+        "meta_init=zero",
     ],
 )
 def test_typos_and_wrong_types_fail_at_composition(override):
