@@ -85,6 +85,16 @@ def test_bad_values_raise_a_config_error_naming_the_setting(tmp_path, override, 
         train(make_cfg("device=cpu", override), tmp_path)
 
 
+@pytest.mark.parametrize("init", ["flat", "random"])
+def test_the_run_starts_its_meta_net_as_meta_init_says(tmp_path, init):
+    from mwn.train import ONE, build_run, initial_state
+
+    run = build_run(make_cfg(*FAST, f"meta_init={init}"), tmp_path, ONE)
+    meta = initial_state(run)["meta_params"]
+    out = [v for k, v in meta.items() if k.startswith("net.2.")]  # Linear, ReLU, Linear(100, 1)
+    assert len(out) == 2 and all(bool((v == 0).all()) == (init == "flat") for v in out)
+
+
 def test_a_short_run_writes_metrics_and_summary(tmp_path):
     summary = train(make_cfg(*FAST), tmp_path)
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
