@@ -126,7 +126,10 @@ class MetaNet(nn.Module):
     starting weight function has a random slope over the loss, rising for some seeds and falling
     for others; flat = the same, then the output layer set to zero, so every sample starts at
     weight 0.5 whatever its loss and the meta set alone decides the slope. Both draw the same
-    random numbers (what is initialised after the meta-net does not change)."""
+    random numbers (what is initialised after the meta-net does not change). With normalised
+    weights a flat start's output bias has a zero gradient in exact arithmetic, and Adam's first
+    step turns its rounding noise into a full step: flat runs depend on the thread and process
+    count by more than rounding."""
 
     def __init__(self, hidden_size: int = 100, num_layers: int = 1, init: str = "random") -> None:
         super().__init__()
