@@ -219,7 +219,7 @@ def test_experiment_configs_compose_the_papers_protocols():
     lt = make_cfg("+experiment=long_tail_cifar10", "imbalance=50")
     assert (lt.dataset.name, lt.model.depth, lt.imbalance, lt.epochs) == ("cifar10", 32, 50, 100)
     assert list(lt.lr_epochs) == [80, 90] and lt.nesterov and lt.meta_lr == 1e-5
-    assert lt.meta_init == make_cfg().meta_init == "random"  # the original code's init
+    assert lt.meta_init == "random"  # the original code's init (the default is flat)
     assert make_cfg("+experiment=long_tail_cifar100").dataset.name == "cifar100"
     noise = make_cfg("+experiment=noise_uniform_cifar10")
     assert (noise.model.arch, noise.noise, noise.noise_rate, noise.meta_per_class) == (
@@ -228,6 +228,6 @@ def test_experiment_configs_compose_the_papers_protocols():
         0.4,
         100,
     )
-    assert noise.meta_init == "flat"  # a random rising start can invert the noise weighting
+    assert noise.meta_init == make_cfg().meta_init == "flat"  # a random start can invert it
     flip = make_cfg("+experiment=noise_flip_cifar10", "noise_rate=0.2")
     assert (flip.model.arch, flip.noise, flip.noise_rate) == ("resnet", "flip", 0.2)
