@@ -111,19 +111,27 @@ def hydra_files(folder: Path) -> dict[str, str]:
     return {name: p.read_text() for name, p in paths.items() if p.is_file()}
 
 
-@contextlib.contextmanager
-def restoring_hydra_files(folder: Path, saved: dict[str, str]):
-    """On an error in the block, write back the Hydra files a checkpoint kept (`saved`, from
-    hydra_files; checkpoints older than this keep none), which Hydra overwrote for this
-    attempt: the folder goes on describing the run its checkpoints hold."""
-    try:
-        yield
-    except Exception:
-        if saved:
-            (folder / ".hydra").mkdir(exist_ok=True)
-        for name, text in saved.items():
-            (folder / ".hydra" / name).write_text(text)
-        raise
+def write_hydra_files(folder: Path, files: dict[str, str]) -> None:
+    """Write those of `files` (from hydra_files) whose text in the folder's .hydra/ differs."""
+    for name, text in files.items():
+        path = folder / ".hydra" / name
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+
+
+def restore_hydra_files(folder: Path) -> None:
+    """Put back the Hydra files the folder's newest readable checkpoint kept (checkpoints older
+    than this keep none). Hydra rewrites .hydra/ before a run starts; when that attempt is
+    refused (settings, lock, metrics, a config error), the folder goes on describing the run
+    its checkpoints hold."""
+    for path in checkpoints(folder):
+        try:
+            kept = read(path).get("hydra_files", {})
+        except Exception:  # truncated or corrupt: the one before
+            continue
+        write_hydra_files(folder, kept)
+        return
 
 
 def checkpoint_path(folder: Path, iteration: int) -> Path:

@@ -49,6 +49,7 @@ from mwn.train import (
     fail_job,
     result_line,
     resume,
+    run_folder,
     step_at,
     step_functions,
     summarise,
@@ -237,6 +238,7 @@ def train_group(cfgs: list[DictConfig], job_dirs: list[Path]) -> list[dict | Non
                 state, tally = resume(run)
                 recorder = Recorder(run, tally, stop, label=job_dir.name)
             except KNOWN_ERRORS as e:
+                checkpoint.restore_hydra_files(run_folder(cfg, job_dir))  # as mwn.train's train
                 fail_job(job_dir, e)
                 lock.close()
                 continue

@@ -76,10 +76,18 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
     """One run. Writes metrics.jsonl and summary.json into out_dir; returns the summary.
     With several ranks (process group initialised): rank 0's out_dir is the run folder, and
     only rank 0 writes into it and returns the summary (the others return None)."""
-    run = build_run(cfg, out_dir, ranks)  # checks, data, models, the step
-    with checkpoint.hold(run.out_dir) if ranks.main else contextlib.nullcontext():  # one run
-        state, tally = resume(run)  # a fresh state, or the newest checkpoint's
-        with Recorder(run, tally) as recorder:  # metrics.jsonl, progress, TensorBoard, checkpoints
+    with contextlib.ExitStack() as held:
+        try:  # until the run has its folder, a refusal leaves the folder's Hydra files as kept
+            run = build_run(cfg, out_dir, ranks)  # checks, data, models, the step
+            if ranks.main:
+                held.enter_context(checkpoint.hold(run.out_dir))  # one run per folder
+            state, tally = resume(run)  # a fresh state, or the newest checkpoint's
+            recorder = Recorder(run, tally)  # metrics.jsonl, progress, TensorBoard, checkpoints
+        except Exception:
+            if ranks.main:
+                checkpoint.restore_hydra_files(run_folder(cfg, out_dir))
+            raise
+        with recorder:
             state, tally = loop(run, state, tally, recorder)
             tally.elapsed_s = recorder.elapsed_s(tally)
         return summarise(run, state, tally) if ranks.main else None
@@ -340,14 +348,12 @@ def resume(run: Run) -> tuple[dict, Tally]:
                 f"resume={run.cfg.resume!r}: no checkpoint-*.pt in {run.out_dir}"
             )
         return initial_state(run), Tally()
-    saved = ckpt.get("hydra_files", {}) if run.ranks.main else {}
-    with checkpoint.restoring_hydra_files(run.out_dir, saved):  # a refusal leaves them as saved
-        checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
-        if ckpt["iteration"] > run.cfg.train_iters:
-            raise ConfigError(
-                f"train_iters={run.cfg.train_iters}: the run in {run.out_dir} has done "
-                f"{ckpt['iteration']} iterations; allowed values are >= {ckpt['iteration']}"
-            )
+    checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
+    if ckpt["iteration"] > run.cfg.train_iters:
+        raise ConfigError(
+            f"train_iters={run.cfg.train_iters}: the run in {run.out_dir} has done "
+            f"{ckpt['iteration']} iterations; allowed values are >= {ckpt['iteration']}"
+        )
     checkpoint.set_rng_states(ckpt["rng"])
     log.info("resuming from %s at iteration %d", ckpt["path"], ckpt["iteration"])
     if ckpt.get("world", 1) != run.ranks.world:  # global batches: same data, same arithmetic
@@ -575,6 +581,9 @@ class Recorder:
             )
         if not self.active:
             return checkpoint.checkpoint_path(self.run.out_dir, done)
+        # a refused attempt at this folder while the run trains (another process, stopped by
+        # the lock) found no checkpoint to restore from, or an older one: this run's files
+        checkpoint.write_hydra_files(self.run.out_dir, self.hydra_files)
         self.metrics.flush()
         payload = {
             "iteration": done,

@@ -1,5 +1,6 @@
 """Runs that survive: atomic checkpoints, exact resume after SIGKILL, SIGTERM, corrupt files."""
 
+import contextlib
 import json
 import os
 import signal
@@ -302,6 +303,59 @@ def test_a_refused_resume_leaves_the_folders_hydra_files_as_they_were(tmp_path):
     assert "- train_iters=30" in (folder / ".hydra" / "overrides.yaml").read_text()
     kept = checkpoint.read(checkpoint.checkpoints(folder)[0])["hydra_files"]
     assert {k: v.encode() for k, v in kept.items()} == hydra_files(folder)
+
+
+def hydra_writes(folder: Path, text: str) -> None:
+    """What Hydra does before every attempt at a run folder: write its .hydra/ files."""
+    (folder / ".hydra").mkdir(parents=True, exist_ok=True)
+    for name in checkpoint.HYDRA_FILES:
+        (folder / ".hydra" / name).write_text(f"{name} of the {text} attempt\n")
+
+
+FIRST = ["train_iters=4", "val_every=2", "log_every=2", "model.width=4", "device=cpu"]
+
+
+@pytest.mark.parametrize("refusal", ["settings", "config", "metrics", "lock"])
+def test_every_refused_attempt_leaves_the_folders_hydra_files_as_its_checkpoints_kept(
+    tmp_path, refusal
+):
+    """In process, with Hydra's writes done by hand: a run keeps its .hydra files in its
+    checkpoints, and an attempt refused for its settings, a bad setting, a truncated
+    metrics.jsonl or another run holding the folder puts them back."""
+    folder = tmp_path / "run"
+    hydra_writes(folder, "first")
+    train(make_cfg(*FIRST), folder)
+    before = hydra_files(folder)
+    hydra_writes(folder, "refused")
+    more = [*FIRST, "train_iters=6"]  # a longer schedule: an accepted resume
+    if refusal == "settings":
+        attempt, error, match = more + ["lr=0.2"], CheckpointError, "lr"
+    elif refusal == "config":
+        attempt, error, match = more + ["batch_size=0"], ConfigError, "batch_size=0"
+    else:
+        attempt, error, match = more, CheckpointError, "truncated|another run"
+    if refusal == "metrics":
+        (folder / "metrics.jsonl").write_bytes(b"")
+    held = checkpoint.hold(folder) if refusal == "lock" else contextlib.nullcontext()
+    with held, pytest.raises(error, match=match):
+        train(make_cfg(*attempt), folder)
+    assert hydra_files(folder) == before
+
+
+def test_a_run_puts_its_hydra_files_back_when_it_checkpoints(tmp_path):
+    """An attempt refused by the lock before the running run's first checkpoint has none to
+    restore from: the running run rewrites its own at each checkpoint."""
+    from mwn.train import ONE, Recorder, build_run, resume
+
+    folder = tmp_path / "run"
+    hydra_writes(folder, "running")
+    run = build_run(make_cfg(*FIRST), folder, ONE)
+    state, tally = resume(run)
+    with Recorder(run, tally) as recorder:
+        before = hydra_files(folder)
+        hydra_writes(folder, "refused")
+        recorder.checkpoint(0, state, tally)
+    assert hydra_files(folder) == before
 
 
 def test_a_refused_resume_of_a_sweep_leaves_each_jobs_hydra_files(tmp_path):

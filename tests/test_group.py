@@ -185,6 +185,29 @@ def test_a_vectorised_group_writes_what_single_runs_write(tmp_path, shared):
             assert rel_err(sa["state"][part], sb["state"][part]) < 1e-4, (i, part)
 
 
+def test_a_refused_job_of_a_group_leaves_its_hydra_files_as_its_checkpoints_kept(tmp_path):
+    """As a single run (test_checkpoint.py): the launcher's Hydra files, rewritten for a sweep
+    rerun whose job is refused (here: another run holds its folder), are put back; the other
+    job resumes and describes itself."""
+    from mwn.group import train_groups
+
+    dirs = [tmp_path / str(i) for i in range(2)]
+    for d, text in zip(dirs, ("first", "first")):
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "config.yaml").write_text(text)
+    cfgs = [make_cfg(*FAST, f"seed={i}") for i in range(2)]
+    train_groups(cfgs, dirs, 16)
+    for d in dirs:
+        (d / ".hydra" / "config.yaml").write_text("rerun")
+    more = [make_cfg(*FAST, f"seed={i}", "train_iters=8") for i in range(2)]
+    with checkpoint.hold(dirs[0]):
+        summaries = train_groups(more, dirs, 16)
+    assert summaries[0] is None and "another run" in (dirs[0] / "error.json").read_text()
+    assert (dirs[0] / ".hydra" / "config.yaml").read_text() == "first"
+    assert summaries[1]["iterations"] == 8
+    assert (dirs[1] / ".hydra" / "config.yaml").read_text() == "rerun"
+
+
 def test_the_vmap_launcher_groups_a_sweep_and_a_diverging_job_fails_alone(tmp_path):
     sweep = tmp_path / "sweep"
     args = ["-m", *FAST, "seed=0", "lr=0.1,1e5", "method=mwn,erm", "progress=none"]
