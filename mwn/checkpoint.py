@@ -125,13 +125,12 @@ def restore_hydra_files(folder: Path) -> None:
     than this keep none). Hydra rewrites .hydra/ before a run starts; when that attempt is
     refused (settings, lock, metrics, a config error), the folder goes on describing the run
     its checkpoints hold."""
-    for path in checkpoints(folder):
-        try:
-            kept = read(path).get("hydra_files", {})
-        except Exception:  # truncated or corrupt: the one before
-            continue
-        write_hydra_files(folder, kept)
+    try:
+        ckpt = load(folder, "cpu", fallback=True)
+    except CheckpointError:  # none readable: nothing kept to put back
         return
+    if ckpt is not None:
+        write_hydra_files(folder, ckpt.get("hydra_files", {}))
 
 
 def checkpoint_path(folder: Path, iteration: int) -> Path:

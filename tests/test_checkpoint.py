@@ -312,9 +312,6 @@ def hydra_writes(folder: Path, text: str) -> None:
         (folder / ".hydra" / name).write_text(f"{name} of the {text} attempt\n")
 
 
-FIRST = ["train_iters=4", "val_every=2", "log_every=2", "model.width=4", "device=cpu"]
-
-
 @pytest.mark.parametrize("refusal", ["settings", "config", "metrics", "lock"])
 def test_every_refused_attempt_leaves_the_folders_hydra_files_as_its_checkpoints_kept(
     tmp_path, refusal
@@ -324,10 +321,10 @@ def test_every_refused_attempt_leaves_the_folders_hydra_files_as_its_checkpoints
     metrics.jsonl or another run holding the folder puts them back."""
     folder = tmp_path / "run"
     hydra_writes(folder, "first")
-    train(make_cfg(*FIRST), folder)
+    train(make_cfg(*FAST), folder)
     before = hydra_files(folder)
     hydra_writes(folder, "refused")
-    more = [*FIRST, "train_iters=6"]  # a longer schedule: an accepted resume
+    more = [*FAST, "train_iters=40"]  # a longer schedule: an accepted resume
     if refusal == "settings":
         attempt, error, match = more + ["lr=0.2"], CheckpointError, "lr"
     elif refusal == "config":
@@ -349,7 +346,7 @@ def test_a_run_puts_its_hydra_files_back_when_it_checkpoints(tmp_path):
 
     folder = tmp_path / "run"
     hydra_writes(folder, "running")
-    run = build_run(make_cfg(*FIRST), folder, ONE)
+    run = build_run(make_cfg(*FAST), folder, ONE)
     state, tally = resume(run)
     with Recorder(run, tally) as recorder:
         before = hydra_files(folder)

@@ -192,9 +192,9 @@ def test_a_refused_job_of_a_group_leaves_its_hydra_files_as_its_checkpoints_kept
     from mwn.group import train_groups
 
     dirs = [tmp_path / str(i) for i in range(2)]
-    for d, text in zip(dirs, ("first", "first")):
+    for d in dirs:
         (d / ".hydra").mkdir(parents=True)
-        (d / ".hydra" / "config.yaml").write_text(text)
+        (d / ".hydra" / "config.yaml").write_text("first")
     cfgs = [make_cfg(*FAST, f"seed={i}") for i in range(2)]
     train_groups(cfgs, dirs, 16)
     for d in dirs:

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_map
 
 from mwn import batchnorm, models
 from mwn.meta import META_GRADS, Sums, erm_step, mwn_step, train_pass
@@ -444,15 +445,6 @@ def test_meta_gradient_agrees_with_central_finite_differences(seed):
         assert abs(fd - analytic) <= 1e-6 * abs(analytic) + 1e-9  # measured 2e-10 to 8e-8 rel
 
 
-def single(tree):
-    """A tree of tensors with its floating-point ones in float32."""
-    if isinstance(tree, dict):
-        return {k: single(v) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        return type(tree)(single(v) for v in tree)
-    return tree.float() if tree.is_floating_point() else tree
-
-
 def float32_meta_grad_at_a_flat_start(seed: int) -> tuple[dict, dict]:
     """The meta-gradient at meta_init=flat with normalised weights, in float32 as runs compute
     it and in float64, for one setting."""
@@ -463,6 +455,7 @@ def float32_meta_grad_at_a_flat_start(seed: int) -> tuple[dict, dict]:
     (batch,), (meta_batch,) = batches(seed, 1, size=32), batches(seed + 50, 1, size=5)
     hp = hp_for()
     exact = meta_grad_of("jvp", model, meta_net, state, batch, meta_batch, hp).meta_grad
+    single = lambda tree: tree_map(lambda t: t.float() if t.is_floating_point() else t, tree)
     args = (model.float(), meta_net.float(), single(state), single(batch), single(meta_batch), hp)
     return meta_grad_of("jvp", *args).meta_grad, exact
 
