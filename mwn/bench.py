@@ -1,6 +1,6 @@
 """`python -m mwn.bench`: time the real training steps, interleaved in one process.
 
-Variants, each the trainer's own step function wrapped by `mwn.accel.make_step`, with the step
+Variants, each the trainer's own step function wrapped by `mwn.run.accel.make_step`, with the step
 hyperparameters of the trainer's composed config (its defaults, or the overrides given):
     erm              plain training: forward, backward, SGD step
     mwn              MWN iteration, exact JVP meta-gradient, rollback=true
@@ -12,7 +12,7 @@ the median milliseconds per iteration, its ratio to ERM, extra peak memory per i
 the time to draw one augmented batch from the device-resident dataset.
 
 With --runs K1,K2,... each variant is also timed as a vectorised group of K runs (the step of
-hydra/launcher=vmap, mwn.group: K states, K different batches, one vmapped step), reported as
+hydra/launcher=vmap, mwn.run.group: K states, K different batches, one vmapped step), reported as
 "VARIANT xK": ms per group iteration, ms per run, and runs per second over K single runs'.
 """
 
@@ -29,13 +29,14 @@ from pathlib import Path
 
 import torch
 
-from mwn.accel import channels_last, make_step
 from mwn.config import compose_config
-from mwn.data import DeviceImages, Sampler
-from mwn.group import PER_RUN_HP, group_state, meta_shapes, stack, vectorised
-from mwn.meta import StepHP, init_state
-from mwn.methods import STEPS
-from mwn.models import MetaNet, ResNet, extract_state
+from mwn.core.methods import METHODS
+from mwn.core.models import ResNet, extract_state
+from mwn.core.step import StepHP, init_state
+from mwn.data.batches import DeviceImages, Sampler
+from mwn.run.accel import channels_last, make_step
+from mwn.run.build import new_meta_net
+from mwn.run.group import PER_RUN_HP, group_state, meta_shapes, stack, vectorised
 from mwn.seeds import Stream, step_generator
 
 VARIANTS = (
@@ -106,8 +107,9 @@ def setup(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
     c, h, w = (int(v) for v in args.shape.split(","))
+    cfg = compose_config(args.overrides)
     model = ResNet(args.classes, args.depth, args.width, in_channels=c).to(device)
-    meta_net = MetaNet().to(device)
+    meta_net = new_meta_net(cfg).to(device)
     params, buffers = extract_state(model)
     if args.channels_last:
         params = channels_last(params)
@@ -124,15 +126,18 @@ def setup(args: argparse.Namespace) -> dict:
         gen = step_generator(0, Stream.TRAIN_AUG, k, device)
         return data.batch(sampler.indices(k)[:size], 4, True, gen)
 
-    hp = replace(StepHP.from_config(compose_config(args.overrides)), fp16=args.fp16, bf16=args.bf16)
+    hp = replace(StepHP.from_config(cfg), fp16=args.fp16, bf16=args.bf16)
     specs = {
-        "erm": (STEPS["erm"], hp),
-        "mwn": (STEPS["mwn"], replace(hp, rollback=True, meta_grad="jvp")),
-        "mwn_no_rollback": (STEPS["mwn"], replace(hp, rollback=False, meta_grad="jvp")),
-        "double_backward": (STEPS["mwn"], replace(hp, rollback=True, meta_grad="double_backward")),
-        "l2rw": (STEPS["l2rw"], hp),
-        "focal": (STEPS["focal"], hp),
-        "class_balanced": (STEPS["class_balanced"], hp),
+        "erm": (METHODS["erm"].step, hp),
+        "mwn": (METHODS["mwn"].step, replace(hp, rollback=True, meta_grad="jvp")),
+        "mwn_no_rollback": (METHODS["mwn"].step, replace(hp, rollback=False, meta_grad="jvp")),
+        "double_backward": (
+            METHODS["mwn"].step,
+            replace(hp, rollback=True, meta_grad="double_backward"),
+        ),
+        "l2rw": (METHODS["l2rw"].step, hp),
+        "focal": (METHODS["focal"].step, hp),
+        "class_balanced": (METHODS["class_balanced"].step, hp),
     }
     lr, batch, meta_batch = 0.1, draw(0, args.batch_size), draw(1, args.meta_batch_size)
     chosen = [n for n in specs if n in args.variants.split(",")]

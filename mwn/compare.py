@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from mwn import checkpoint
-from mwn.report import current_names
+from mwn.run import checkpoint
+from mwn.run.files import METRICS, NOISE, SUMMARY, current_names
 
 NOT_COMPARED = {"wall_time_s"}  # summary.json fields that measure the clock
 
@@ -47,7 +47,7 @@ def _tensors_differ(a, b, where: str) -> list[str]:
 def differences(a: Path, b: Path) -> list[str]:
     """What differs between two run folders (empty: the same run)."""
     out = []
-    for name in ("metrics.jsonl", "noise.json", "summary.json"):
+    for name in (METRICS, NOISE, SUMMARY):
         pa, pb = a / name, b / name
         if pa.is_file() != pb.is_file():
             out.append(f"{name}: in one folder only")
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_b", type=Path)
     args = p.parse_args(argv)
     for folder in (args.run_a, args.run_b):
-        if not (folder / "metrics.jsonl").is_file():
+        if not (folder / METRICS).is_file():
             p.error(f"{folder}: not a run folder (no metrics.jsonl)")
     diff = differences(args.run_a, args.run_b)
     for line in diff:

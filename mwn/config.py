@@ -7,8 +7,7 @@ type, so that a misspelt key or a wrong type fails at start-up.
 from __future__ import annotations
 
 import dataclasses
-import os
-import re
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from enum import Enum
@@ -19,9 +18,10 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from mwn.meta import META_GRADS
-from mwn.methods import STEPS
-from mwn.models import META_INITS
+from mwn.core.meta import META_GRADS
+from mwn.core.methods import METHODS
+from mwn.core.models import CLASSIFIERS, META_INITS, META_NETS
+from mwn.data.readers import READERS
 
 
 class ConfigError(ValueError):
@@ -38,19 +38,18 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
-# the registries' names: a method or meta-gradient added there is a setting here
-Method = Choice("Method", [(v, v) for v in STEPS])
+# the registries' names: a method, meta-gradient, model, meta-net or reader added there is a
+# setting here
+Method = Choice("Method", [(v, v) for v in METHODS])
 MetaGrad = Choice("MetaGrad", [(v, v) for v in META_GRADS])
 Noise = Choice("Noise", [(v, v) for v in ("none", "uniform", "flip", "flip2")])
 MetaInit = Choice("MetaInit", [(v, v) for v in META_INITS])
-Arch = Choice("Arch", [(v, v) for v in ("resnet", "wrn")])
+MetaNetName = Choice("MetaNetName", [(v, v) for v in META_NETS])
+Arch = Choice("Arch", [(v, v) for v in CLASSIFIERS])
 Device = Choice("Device", [(v, v) for v in ("auto", "cpu", "cuda", "mps")])
 Logger = Choice("Logger", [(v, v) for v in ("none", "tensorboard")])
 Progress = Choice("Progress", [(v, v) for v in ("auto", "bar", "log", "none")])
-DatasetName = Choice(
-    "DatasetName",
-    [(v, v) for v in ("digits", "fashion_mnist", "cifar10", "cifar100", "image_folder")],
-)
+DatasetName = Choice("DatasetName", [(v, v) for v in READERS])
 
 
 @dataclass
@@ -67,7 +66,7 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Arch = MISSING  # resnet (CIFAR ResNet, depth = 6n + 2) | wrn (Wide ResNet, 6n + 4)
+    arch: Arch = MISSING  # a key of mwn.core.models.CLASSIFIERS (resnet, wrn)
     depth: int = MISSING
     width: int = MISSING  # channels of the first stage (x2 per later stage)
 
@@ -110,6 +109,7 @@ class Config:
     weight_decay: float = MISSING
     meta_lr: float = MISSING
     meta_weight_decay: float = MISSING
+    meta_net: MetaNetName = MISSING
     hidden_size: int = MISSING
     num_layers: int = MISSING
     meta_init: MetaInit = MISSING
@@ -133,7 +133,16 @@ class Config:
     resume_fallback: bool = MISSING
 
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _conf_dir() -> Path:
+    """The shipped configs: the package `mwn.conf` (conf/ of the repository, which the wheel
+    installs as mwn/conf/)."""
+    spec = importlib.util.find_spec("mwn.conf")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(__file__).resolve().parent.parent / "conf"  # a checkout that is not installed
+
+
+CONF_DIR = _conf_dir()
 
 
 def register_schema() -> None:
@@ -150,13 +159,6 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose("config", overrides=list(overrides or []))
 
 
-# keys of earlier releases: the command line names the key that replaced each
-RENAMED = {
-    "data.root": "dataset.root",
-    "data.download": "dataset.download",
-    "meta_size": "meta_per_class (the meta set is balanced: meta_size / classes per class)",
-    "vmap.max_runs": "hydra.launcher.max_runs (with hydra/launcher=vmap)",
-}
 POSITIVE_INTS = (
     "train_iters",
     "batch_size",
@@ -234,7 +236,12 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     )
     need(cfg.focal_gamma >= 0, "focal_gamma", "real numbers >= 0")
     need(0 <= cfg.class_balanced_beta < 1, "class_balanced_beta", "real numbers in [0, 1)")
-    need(cfg.meta_interval == 1 or cfg.method == "mwn", "meta_interval", "1 unless method=mwn")
+    between = [name for name, m in METHODS.items() if m.between is not None]
+    need(
+        cfg.meta_interval == 1 or METHODS[str(cfg.method)].between is not None,
+        "meta_interval",
+        f"1 unless method={' | '.join(between)}",
+    )
     need(all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", "lists of iterations >= 1")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
@@ -245,18 +252,12 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
         "dataset.std",
         "null exactly when dataset.mean is null",
     )
-    if cfg.model.arch == "resnet":
-        need(
-            cfg.model.depth >= 8 and (cfg.model.depth - 2) % 6 == 0,
-            "model.depth",
-            "6n + 2 >= 8 for model.arch=resnet (8, 14, 20, 32, 44, 56, 110)",
-        )
-    else:
-        need(
-            cfg.model.depth >= 10 and (cfg.model.depth - 4) % 6 == 0,
-            "model.depth",
-            "6n + 4 >= 10 for model.arch=wrn (10, 16, 22, 28, 34, 40)",
-        )
+    arch = CLASSIFIERS[str(cfg.model.arch)]
+    need(
+        arch.depth_ok(cfg.model.depth),
+        "model.depth",
+        f"{arch.DEPTHS} for model.arch={cfg.model.arch}",
+    )
     if torchrun_world:
         _check_torchrun(cfg, torchrun_world, need)
 
@@ -293,125 +294,3 @@ def pick_device(cfg: DictConfig, local_rank: int = 0) -> torch.device:
 
 def _mps() -> bool:
     return torch.backends.mps.is_available()
-
-
-GROUPS = ("dataset", "model", "device", "logger", "experiment")
-
-
-def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
-    """A one-line message for a command line that would fail, or None. Runs before Hydra, whose
-    own messages for unknown options, misspelt keys and wrong types span several lines."""
-    overrides = [a for a in argv if not a.startswith("-")]
-    for arg in overrides:
-        key, sep, value = arg.partition("=")
-        key = key.lstrip("+~")
-        if key in RENAMED:
-            return f"{arg}: {key} was renamed; use {RENAMED[key]}"
-        if arg.startswith("~") and not key.startswith("hydra"):
-            return f"{arg}: a setting cannot be removed (every key is needed); set {key}=VALUE"
-        added = arg.startswith("+") and key not in GROUPS and not key.startswith("hydra")
-        if added and key not in schema_keys():  # Hydra would add a misspelt key with + or ++
-            return f"{arg}: Key '{key}' not in 'Config' (+ and ++ add no new settings)"
-        if sep and key in GROUPS:
-            allowed = sorted(p.stem for p in (conf_dir / key).glob("*.yaml"))
-            for v in value.split(","):
-                if v not in allowed:
-                    return f"{key}={v}: allowed values are {' | '.join(allowed)}"
-        if sep and key == "hydra/launcher" and (problem := _launcher_missing(value)):
-            return f"{key}={value}: {problem}"
-        if sep and key == "hydra.launcher.max_runs":
-            for v in value.split(","):
-                if not v.isdigit() or int(v) < 1:
-                    return f"{key}={v}: allowed values are whole numbers >= 1"
-        folder = sep and key in ("hydra.run.dir", "hydra.sweep.dir")
-        if folder and (problem := _not_creatable(Path(value))):
-            return f"{key}={value}: {problem}"
-    chosen = any(a.partition("=")[0] in ("hydra.run.dir", "hydra.sweep.dir") for a in overrides)
-    if not chosen and (problem := _not_creatable(Path("outputs"))):  # Hydra's default place
-        return f"output folder: {problem}"
-    settings = [o for o in overrides if not o.lstrip("+~").startswith("hydra")]
-    if "-m" not in argv and "--multirun" not in argv:
-        full_error = os.environ.get("HYDRA_FULL_ERROR") == "1"  # then train() raises, traced
-        return _composition_problem(settings, conf_dir, check_values=not full_error)
-    # a sweep: every value of every comma list is composed with the plain overrides (types,
-    # names, keys) before the first job starts, each problem reported; values of the right
-    # type but out of range become failed jobs' rows
-    plain = [o for o in settings if len(_sweep_values(o)) == 1]
-    problems = []
-    for value in [v for o in settings if len(_sweep_values(o)) > 1 for v in _sweep_values(o)]:
-        problem = _composition_problem([*plain, value], conf_dir)
-        if problem and problem not in problems:
-            problems.append(problem)
-    return "\n".join(problems) or _composition_problem(plain, conf_dir)
-
-
-def _sweep_values(override: str) -> list[str]:
-    """key=a,b,c as [key=a, key=b, key=c]; other sweep syntax (range, choice, glob) and plain
-    overrides as they are."""
-    key, sep, value = override.partition("=")
-    if not sep or "," not in value or any(c in value for c in "([{'\""):
-        return [override]
-    return [f"{key}={v}" for v in value.split(",")]
-
-
-def _composition_problem(
-    settings: list[str], conf_dir: Path, check_values: bool = False
-) -> str | None:
-    """Hydra's first complaint about composing these overrides, in one line (None if none);
-    with check_values, also check_config's, so that a bad value stops a run before Hydra
-    writes anything into its folder."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        register_schema()
-        with initialize_config_dir(str(conf_dir), version_base="1.3"):
-            cfg = compose("config", overrides=settings)
-        if check_values:
-            check_config(cfg)
-    except ConfigError as e:
-        return str(e)
-    except (HydraException, OmegaConfBaseException) as e:
-        first = str(e.__cause__ or e).strip().splitlines()[0]  # e.g. Key 'x' not in 'Config'
-        if choices := re.fullmatch(r"Invalid value '.*', expected one of \[(.*)\]", first):
-            first = f"allowed values are {choices.group(1).replace(', ', ' | ')}"
-        override = next((o for o in settings if o in str(e)), None)
-        return f"{override}: {first}" if override else first
-    return None
-
-
-LAUNCHER_PLUGINS = {  # launcher option: (module, package, extra)
-    "joblib": ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher", "joblib"),
-    "submitit_local": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
-    "submitit_slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
-    "slurm": ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher", "slurm"),
-}
-
-
-def _launcher_missing(option: str) -> str | None:
-    """Why a Hydra launcher option cannot be used here (its plugin is not installed), or None."""
-    import importlib.util
-
-    if option not in LAUNCHER_PLUGINS:
-        return None  # Hydra names the options it knows
-    module, package, extra = LAUNCHER_PLUGINS[option]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        found = False
-    if found:
-        return None
-    return f"needs the {package} package (pip install -e '.[{extra}]'); allowed without it: basic"
-
-
-def _not_creatable(path: Path) -> str | None:
-    """Why a folder could not be created at path (None if it can)."""
-    p = path.absolute()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        return f"cannot create a folder there: {p} is a file"
-    if not os.access(p, os.W_OK | os.X_OK):
-        return f"cannot create a folder there: {p} is not writable"
-    return None

@@ -13,9 +13,9 @@ import pytest
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 
-from mwn import checkpoint
 from mwn.compare import differences
 from mwn.config import compose_config
+from mwn.run import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,6 +108,6 @@ def step_hp(**changes):
     of its own: the config is their one source)."""
     from dataclasses import replace
 
-    from mwn.meta import StepHP
+    from mwn.core.step import StepHP
 
     return replace(StepHP.from_config(make_cfg()), **changes)

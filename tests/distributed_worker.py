@@ -11,13 +11,16 @@ import sys
 
 import torch
 
-from mwn.batchnorm import synchronised
-from mwn.distributed import LOCAL, AllReduce, process_group, ranks_from_env
-from mwn.methods import STEPS as STEP_FUNCTIONS
-from mwn.models import MetaNet, ResNet, extract_state
-from mwn.optim import adam_init
+from mwn.core.batchnorm import synchronised
+from mwn.core.methods import METHODS
+from mwn.core.models import MetaNet, ResNet, extract_state
+from mwn.core.optim import adam_init
+from mwn.core.sums import LOCAL, AllReduce
+from mwn.run.ranks import process_group, ranks_from_env
 
 from conftest import step_hp
+
+STEP_FUNCTIONS = {name: m.step for name, m in METHODS.items()}
 
 STEPS, BATCH, META_BATCH, LR = 3, 8, 6, 0.3
 CASES = {  # name: (method, sync_bn, hyperparameters)

@@ -10,17 +10,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from mwn import baselines, checkpoint, models
-from mwn.baselines import (
+from mwn.core import baselines, models
+from mwn.core.baselines import (
     class_balanced_step,
     class_balanced_weights,
+    erm_step,
     focal,
     focal_step,
     l2rw_scores,
     l2rw_step,
 )
-from mwn.meta import Sums, erm_step
-from mwn.train import train
+from mwn.core.sums import Sums
+from mwn.run import checkpoint
+from mwn.run.launch import train
 
 from conftest import FAST, make_cfg, rel_err, step_hp
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.func import functional_call, jvp, vjp
 
-from mwn import batchnorm
-from mwn.batchnorm import BatchNorm2d, jvp_rule
+from mwn.core import batchnorm
+from mwn.core.batchnorm import BatchNorm2d, jvp_rule
 
 
 @pytest.mark.parametrize("rule", ["plain", "jvp_rule"])

@@ -6,7 +6,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from mwn import bench
-from mwn.meta import StepHP
+from mwn.core.step import StepHP
 
 from conftest import make_cfg
 

@@ -12,11 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mwn import checkpoint
-from mwn.checkpoint import CheckpointError
 from mwn.config import ConfigError
-from mwn.report import read_job
-from mwn.train import NonFinite, train
+from mwn.report.sweep import read_job
+from mwn.run import checkpoint
+from mwn.run.checkpoint import CheckpointError
+from mwn.run.files import HYDRA_FILES
+from mwn.run.folder import NonFinite, hold
+from mwn.run.launch import train
 
 from conftest import ROOT, assert_same_run, make_cfg, run_cli
 
@@ -216,7 +218,7 @@ def test_a_truncated_metrics_file_is_refused_not_padded(tmp_path):
 def test_a_second_run_in_a_held_folder_names_the_holder(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     busy = rf"another run \(PID {os.getpid()}\) is training in this folder"
-    with checkpoint.hold(tmp_path), pytest.raises(CheckpointError, match=busy):
+    with hold(tmp_path), pytest.raises(CheckpointError, match=busy):
         train(make_cfg(*FAST), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists()
     train(make_cfg(*FAST), tmp_path)  # released: the folder is free again
@@ -308,7 +310,7 @@ def test_a_refused_resume_leaves_the_folders_hydra_files_as_they_were(tmp_path):
 def hydra_writes(folder: Path, text: str) -> None:
     """What Hydra does before every attempt at a run folder: write its .hydra/ files."""
     (folder / ".hydra").mkdir(parents=True, exist_ok=True)
-    for name in checkpoint.HYDRA_FILES:
+    for name in HYDRA_FILES:
         (folder / ".hydra" / name).write_text(f"{name} of the {text} attempt\n")
 
 
@@ -333,7 +335,7 @@ def test_every_refused_attempt_leaves_the_folders_hydra_files_as_its_checkpoints
         attempt, error, match = more, CheckpointError, "truncated|another run"
     if refusal == "metrics":
         (folder / "metrics.jsonl").write_bytes(b"")
-    held = checkpoint.hold(folder) if refusal == "lock" else contextlib.nullcontext()
+    held = hold(folder) if refusal == "lock" else contextlib.nullcontext()
     with held, pytest.raises(error, match=match):
         train(make_cfg(*attempt), folder)
     assert hydra_files(folder) == before
@@ -342,7 +344,9 @@ def test_every_refused_attempt_leaves_the_folders_hydra_files_as_its_checkpoints
 def test_a_run_puts_its_hydra_files_back_when_it_checkpoints(tmp_path):
     """An attempt refused by the lock before the running run's first checkpoint has none to
     restore from: the running run rewrites its own at each checkpoint."""
-    from mwn.train import ONE, Recorder, build_run, resume
+    from mwn.run.build import build_run
+    from mwn.run.ranks import ONE
+    from mwn.run.recorder import Recorder, resume
 
     folder = tmp_path / "run"
     hydra_writes(folder, "running")

@@ -4,19 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from mwn import data
-from mwn.data import (
-    DataError,
-    DeviceImages,
-    Sampler,
-    load_cifar,
-    load_digits,
-    load_fashion_mnist,
-    long_tail_counts,
-    make_long_tail,
-    random_crop,
-    split_meta,
-)
+from mwn.data import readers as data
+from mwn.data.batches import DeviceImages, Sampler, random_crop
+from mwn.data.images import DataError
+from mwn.data.readers import load_cifar, load_digits, load_fashion_mnist
+from mwn.data.splits import long_tail_counts, make_long_tail, split_meta
 from mwn.seeds import ONCE, Stream, generator, step_generator
 
 from conftest import write_cifar, write_idx

@@ -21,11 +21,11 @@ import torch
 from distributed_worker import BATCH, CASES, LR, make_case, run
 from torch.utils._pytree import tree_flatten
 
-from mwn import checkpoint
+from mwn.cli import check_ranks
 from mwn.config import ConfigError, check_config
-from mwn.distributed import Ranks
-from mwn.meta import erm_step
-from mwn.train import check_ranks
+from mwn.core.baselines import erm_step
+from mwn.run import checkpoint
+from mwn.run.ranks import Ranks
 
 from conftest import assert_same_run, final_state, rel_err
 

@@ -9,11 +9,12 @@ import pytest
 import torch
 from torch.utils._pytree import tree_structure
 
-from mwn import fp16
-from mwn.distributed import LOCAL
-from mwn.fp16 import scaler_init
-from mwn.meta import Sums, erm_step, init_state, jvp_meta_grad, mwn_step, train_pass
-from mwn.models import MetaNet, ResNet, extract_state
+from mwn.core import sums as fp16
+from mwn.core.baselines import erm_step
+from mwn.core.meta import jvp_meta_grad, mwn_step, train_pass
+from mwn.core.models import MetaNet, ResNet, extract_state
+from mwn.core.step import init_state
+from mwn.core.sums import LOCAL, Sums, scaler_init
 
 from conftest import rel_err, step_hp
 

@@ -20,15 +20,19 @@ from dataclasses import replace
 import pytest
 import torch
 
-from mwn import checkpoint
-from mwn.group import PER_RUN_HP, group_state, meta_shapes, plan_groups, run_state, vectorised
-from mwn.meta import init_state
-from mwn.methods import STEPS
-from mwn.models import MetaNet, build_classifier, extract_state
+from mwn.cli import check_ranks
+from mwn.core.methods import METHODS
+from mwn.core.models import MetaNet, build_classifier, extract_state
+from mwn.core.step import init_state
 from mwn.report import plot_run_or_note
-from mwn.train import check_ranks, train
+from mwn.run import checkpoint
+from mwn.run.folder import hold
+from mwn.run.group import PER_RUN_HP, group_state, meta_shapes, plan_groups, run_state, vectorised
+from mwn.run.launch import train
 
 from conftest import FAST, ROOT, make_cfg, rel_err, run_cli, step_hp
+
+STEPS = {name: m.step for name, m in METHODS.items()}
 
 # four runs: seeds (initial weights, batches), meta learning rates, hidden sizes 50 and 100,
 # learning rates and weight decays, and batches of two label mixes (as two imbalance factors
@@ -66,7 +70,7 @@ def _batches(r: dict, it: int):
 @pytest.mark.parametrize("method", ["mwn", "erm", "l2rw", "focal", "mwn_jvp_rule"])
 def test_a_group_step_equals_its_runs_one_by_one_in_float64(method, monkeypatch):
     if method == "mwn_jvp_rule":  # BatchNorm's own forward-mode rule (CIFAR-sized activations)
-        monkeypatch.setattr("mwn.batchnorm.JVP_RULE_MIN_SIZE", 0)
+        monkeypatch.setattr("mwn.core.batchnorm.JVP_RULE_MIN_SIZE", 0)
         method = "mwn"
     runs = [_run(r, method) for r in RUNS]
     step = STEPS[method]
@@ -147,7 +151,7 @@ def test_a_vectorised_group_writes_what_single_runs_write(tmp_path, shared):
     """fp32, the real trainer: seeds, meta learning rates, hidden sizes 50 and 100, two
     imbalance factors; each job's folder as a single run's, values within fp32 rounding; also
     with the meta-net updated every second iteration (the group's step between meta updates)."""
-    from mwn.group import train_groups
+    from mwn.run.launch import train_groups
 
     jobs = [
         f"seed=0 hidden_size=50 imbalance=10 {shared}",
@@ -189,7 +193,7 @@ def test_a_refused_job_of_a_group_leaves_its_hydra_files_as_its_checkpoints_kept
     """As a single run (test_checkpoint.py): the launcher's Hydra files, rewritten for a sweep
     rerun whose job is refused (here: another run holds its folder), are put back; the other
     job resumes and describes itself."""
-    from mwn.group import train_groups
+    from mwn.run.launch import train_groups
 
     dirs = [tmp_path / str(i) for i in range(2)]
     for d in dirs:
@@ -200,7 +204,7 @@ def test_a_refused_job_of_a_group_leaves_its_hydra_files_as_its_checkpoints_kept
     for d in dirs:
         (d / ".hydra" / "config.yaml").write_text("rerun")
     more = [make_cfg(*FAST, f"seed={i}", "train_iters=8") for i in range(2)]
-    with checkpoint.hold(dirs[0]):
+    with hold(dirs[0]):
         summaries = train_groups(more, dirs, 16)
     assert summaries[0] is None and "another run" in (dirs[0] / "error.json").read_text()
     assert (dirs[0] / ".hydra" / "config.yaml").read_text() == "first"
@@ -261,7 +265,7 @@ def test_a_group_resumes_from_its_jobs_checkpoints_bit_for_bit(tmp_path):
 
 
 def test_vmap_under_torchrun_is_one_line():
-    from mwn.distributed import Ranks
+    from mwn.run.ranks import Ranks
 
     ranks = Ranks(rank=0, world=2, local_rank=0, torchrun=True)
     message = check_ranks(["-m", "seed=0,1", "hydra/launcher=vmap"], ranks)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mwn import image_folder
-from mwn.data import DataError
-from mwn.image_folder import channel_stats, load_image_folder
+from mwn.data import image_folder
+from mwn.data.image_folder import load_image_folder
+from mwn.data.images import DataError, channel_stats
 
 from conftest import run_cli
 
@@ -198,7 +198,7 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(
     first = load_image_folder(root, progress=False)
     (cache,) = cache_files(root)
     cache.write_bytes(cache.read_bytes()[:100])  # truncated
-    with caplog.at_level(logging.WARNING, logger="mwn.image_folder"):
+    with caplog.at_level(logging.WARNING, logger="mwn.data.image_folder"):
         ds = load_image_folder(root, progress=False)
     assert f"{cache}: unreadable cache ignored, rebuilding" in caplog.text
     assert torch.equal(ds.train_x, first.train_x)
@@ -213,7 +213,7 @@ def test_cache_goes_to_the_user_folder_when_root_is_not_writable(
     root = tmp_path / "readonly"
     make_rgb_folder(root, {"a": (1, 1)})
     (root / ".mwn-cache").write_text("a file where the cache folder would go")  # mkdir fails
-    with caplog.at_level(logging.INFO, logger="mwn.image_folder"):
+    with caplog.at_level(logging.INFO, logger="mwn.data.image_folder"):
         first = load_image_folder(root, progress=False)
     user = tmp_path / "xdg" / "mwn"
     assert len(list(user.glob("readonly-native-*.pt"))) == 1
@@ -285,7 +285,7 @@ def test_errors_are_one_line_and_name_the_folder_file_or_class(
 def test_a_train_class_without_test_images_is_a_warning(tmp_path, no_user_cache, caplog):
     root = tmp_path / "partial"
     make_rgb_folder(root, {"a": (1, 1), "b": (2, 0), "c": (1, 1)})
-    with caplog.at_level(logging.WARNING, logger="mwn.image_folder"):
+    with caplog.at_level(logging.WARNING, logger="mwn.data.image_folder"):
         ds = load_image_folder(root, progress=False)
     assert f"{root / 'test'}: class 'b' has no test images" in caplog.text
     assert ds.num_classes == 3 and ds.test_y.tolist() == [0, 2]  # labels from the train list

@@ -11,9 +11,11 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils._pytree import tree_map
 
-from mwn import batchnorm, models
-from mwn.meta import META_GRADS, Sums, erm_step, mwn_step, train_pass
-from mwn.models import MetaNet
+from mwn.core import batchnorm, models
+from mwn.core.baselines import erm_step
+from mwn.core.meta import META_GRADS, mwn_step, train_pass
+from mwn.core.models import MetaNet
+from mwn.core.sums import Sums
 
 from conftest import rel_err, step_hp
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mwn.models import (
+from mwn.core.models import (
     FLAT_SCALE,
     MetaNet,
     ResNet,

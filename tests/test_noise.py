@@ -6,11 +6,13 @@ import json
 import pytest
 import torch
 
-from mwn import train as train_mod
 from mwn.config import ConfigError, check_config
-from mwn.data import DataError, load_digits, make_long_tail, split_meta
-from mwn.noise import apply_noise, auc, corrupt_labels, realised_matrix, transition_matrix
-from mwn.train import train
+from mwn.data import build as data_build
+from mwn.data.images import DataError
+from mwn.data.noise import apply_noise, auc, corrupt_labels, realised_matrix, transition_matrix
+from mwn.data.readers import load_digits
+from mwn.data.splits import make_long_tail, split_meta
+from mwn.run.launch import train
 
 from conftest import make_cfg
 
@@ -63,12 +65,12 @@ def test_auc_is_the_pairwise_probability_with_ties_as_half():
 def test_meta_and_test_labels_stay_clean_and_the_run_records_the_noise(tmp_path, monkeypatch):
     made = []
 
-    class Recording(train_mod.DeviceImages):
+    class Recording(data_build.DeviceImages):
         def __init__(self, x, y, *args, **kwargs):
             made.append(y.clone())
             super().__init__(x, y, *args, **kwargs)
 
-    monkeypatch.setattr(train_mod, "DeviceImages", Recording)
+    monkeypatch.setattr(data_build, "DeviceImages", Recording)
     cfg = make_cfg(*TINY, "imbalance=10", "noise=uniform", "noise_rate=0.4", "meta_per_class=20")
     summary = train(cfg, tmp_path)
     images = load_digits()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mwn.optim import adam_init, adam_step, sgd_init, sgd_lookahead_scale, sgd_step, step_lr
+from mwn.core.optim import adam_init, adam_step, sgd_init, sgd_lookahead_scale, sgd_step, step_lr
 
 
 def _problem():

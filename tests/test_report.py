@@ -14,12 +14,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from mwn import monitor, paper, report
-from mwn.config import check_command_line
-from mwn.evaluate import WEIGHT_FN_LOSSES, shot_accuracy
-from mwn.meta import sample_weights
-from mwn.models import MetaNet
-from mwn.train import CONF_DIR, train
+from mwn.cli import check_command_line
+from mwn.config import CONF_DIR
+from mwn.core.models import MetaNet
+from mwn.core.step import sample_weights
+from mwn.report import paper
+from mwn.report import sweep as report
+from mwn.run import monitor
+from mwn.run.evaluate import shot_accuracy
+from mwn.run.files import WEIGHT_FN_LOSSES
+from mwn.run.launch import train
 
 from conftest import make_cfg, run_cli
 
@@ -153,11 +157,12 @@ def test_report_rebuilds_the_plots_and_the_validation_records_carry_the_long_tai
     state = torch.load(run / "checkpoint-6.pt", weights_only=True)["state"]
     net = MetaNet(100, 1)
     grid = torch.tensor(WEIGHT_FN_LOSSES)
-    expected = sample_weights(net, state["meta_params"], grid, normalize=False)
+    expected = sample_weights(net, state["meta_params"], grid, None, {}, normalize=False)
     assert torch.allclose(torch.tensor(last["weight_fn"]), expected, atol=2e-6)
     batch = last["batch"]
     assert len(batch["label"]) == len(batch["loss"]) == len(batch["weight"]) == 100
-    w = sample_weights(net, state["meta_params"], torch.tensor(batch["loss"]), normalize=False)
+    losses = torch.tensor(batch["loss"])
+    w = sample_weights(net, state["meta_params"], losses, None, {}, normalize=False)
     assert torch.allclose(torch.tensor(batch["weight"]), w, atol=2e-6)
     # plots are rebuilt from the files alone
     assert not (run / "weight_fn.png").exists()  # train() itself draws nothing
@@ -181,7 +186,7 @@ def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch,
     run = tmp_path / "run"
     train(make_cfg(*TINY), run)
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
-    monkeypatch.delitem(sys.modules, "mwn.plots", raising=False)
+    monkeypatch.delitem(sys.modules, "mwn.report.plots", raising=False)
     with caplog.at_level(logging.WARNING):
         assert report.plot_run_or_note(run) == []
     assert "plots skipped: matplotlib is not installed (pip install -e '.[plot]')" in caplog.text
@@ -190,9 +195,9 @@ def test_plots_are_skipped_with_a_note_without_matplotlib(tmp_path, monkeypatch,
 
 def test_progress_log_lines_and_bar(tmp_path, monkeypatch, caplog, capsys):
     monkeypatch.setattr(monitor, "LOG_PERIOD_S", 0.0)
-    with caplog.at_level(logging.INFO, logger="mwn.monitor"):
+    with caplog.at_level(logging.INFO, logger="mwn.run.monitor"):
         train(make_cfg(*TINY, "progress=log"), tmp_path / "log")
-    lines = [r.getMessage() for r in caplog.records if r.name == "mwn.monitor"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "mwn.run.monitor"]
     periodic = [s for s in lines if s.startswith("iter 3/6") or s.startswith("iter 6/6")]
     assert len(periodic) == 2, lines
     assert all(k in periodic[0] for k in ("loss ", "meta loss ", "lr 0.05", " it/s", "ETA "))
@@ -229,10 +234,10 @@ def test_tensorboard_gets_the_scalars_of_metrics_jsonl_also_after_a_resume(tmp_p
 
 
 def test_a_launcher_whose_plugin_is_missing_is_a_one_line_error(monkeypatch):
-    from mwn import config
+    from mwn import cli
 
     missing = ("hydra_plugins.not_installed", "hydra-joblib-launcher", "joblib")
-    monkeypatch.setitem(config.LAUNCHER_PLUGINS, "joblib", missing)
+    monkeypatch.setitem(cli.LAUNCHER_PLUGINS, "joblib", missing)
     problem = check_command_line(["-m", "hydra/launcher=joblib", "seed=0,1"], CONF_DIR)
     assert problem == (
         "hydra/launcher=joblib: needs the hydra-joblib-launcher package "

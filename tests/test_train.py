@@ -12,8 +12,10 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from mwn import config
-from mwn.config import ConfigError, check_command_line
-from mwn.train import CONF_DIR, result_line, train
+from mwn.cli import check_command_line
+from mwn.config import CONF_DIR, ConfigError
+from mwn.run.launch import train
+from mwn.run.recorder import result_line
 
 from conftest import FAST, ROOT, make_cfg, run_cli, write_cifar
 
@@ -87,7 +89,8 @@ def test_bad_values_raise_a_config_error_naming_the_setting(tmp_path, override, 
 
 @pytest.mark.parametrize("init", ["flat", "random"])
 def test_the_run_starts_its_meta_net_as_meta_init_says(tmp_path, init):
-    from mwn.train import ONE, build_run, initial_state
+    from mwn.run.build import build_run, initial_state
+    from mwn.run.ranks import ONE
 
     run = build_run(make_cfg(*FAST, f"meta_init={init}"), tmp_path, ONE)
     meta = initial_state(run)["meta_params"]

@@ -1,4 +1,5 @@
-"""`hydra/launcher=vmap`: a sweep's jobs trained in vectorised groups, in this process (mwn.group).
+"""`hydra/launcher=vmap`: a sweep's jobs trained in vectorised groups, in this process
+(mwn.run.launch.train_groups).
 
 Hydra instantiates launchers only from the `hydra_plugins` package, hence this thin module. Each
 job gets its folder and `.hydra/` files exactly as Hydra's basic launcher makes them (through
@@ -33,8 +34,9 @@ class VmapLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
-        from mwn.group import train_groups
-        from mwn.train import Preempted
+        from mwn.run.folder import Preempted, exit_code
+        from mwn.run.launch import train_groups
+        from mwn.train import finished_job
 
         assert self.config is not None and self.hydra_context is not None
         hydra = self.config.hydra
@@ -61,11 +63,14 @@ class VmapLauncher(Launcher):
             )
         try:
             summaries = train_groups(
-                [job.cfg for job in jobs], [job.return_value for job in jobs], self.max_runs
+                [job.cfg for job in jobs],
+                [job.return_value for job in jobs],
+                self.max_runs,
+                on_finish=finished_job,
             )
         except Preempted as e:  # the whole sweep stops, resumable (as mwn.train's main)
             print(f"mwn: {e}", file=sys.stderr)
-            sys.exit(130 if "SIGINT" in str(e) else 143)
+            sys.exit(exit_code(e))
         for job, summary in zip(jobs, summaries):
             job.status = JobStatus.COMPLETED  # a failed job: None, and its error.json
             job.return_value = None if summary is None else summary["final_test_acc"]

@@ -20,7 +20,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from mwn.evaluate import SHOT_GROUPS, WEIGHT_FN_LOSSES, shot_group
+from mwn.run.files import METRICS, SHOT_GROUPS, SUMMARY, WEIGHT_FN_LOSSES, shot_group
 
 DPI = 120
 SHOT_LABELS = {"many": "many-shot (> 100)", "medium": "medium (20-100)", "few": "few-shot (< 20)"}
@@ -28,8 +28,8 @@ SHOT_LABELS = {"many": "many-shot (> 100)", "medium": "medium (20-100)", "few": 
 
 def read_run(folder: Path) -> tuple[list[dict], dict]:
     """The validation records of metrics.jsonl, and summary.json ({} while the run is going)."""
-    records = [json.loads(s) for s in (folder / "metrics.jsonl").read_text().splitlines() if s]
-    summary_file = folder / "summary.json"
+    records = [json.loads(s) for s in (folder / METRICS).read_text().splitlines() if s]
+    summary_file = folder / SUMMARY
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
     return [r for r in records if "test_acc" in r], summary
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-Tensors = dict[str, torch.Tensor]
+from mwn.core.types import Tensors
 
 
 def sgd_init(params: Tensors) -> Tensors:
@@ -37,7 +37,7 @@ def sgd_step(
 
 def decayed(g: torch.Tensor, p: torch.Tensor, weight_decay: float | torch.Tensor) -> torch.Tensor:
     """g + wd * p (L2 weight decay in the gradient). A float 0 adds nothing; a tensor (one value
-    per run of a vectorised group, mwn.group) is always added, as vmap cannot branch on it."""
+    per run of a vectorised group, mwn.run.group) is always added, as vmap cannot branch on it."""
     if isinstance(weight_decay, torch.Tensor) or weight_decay:
         return g + weight_decay * p
     return g

@@ -6,25 +6,23 @@ after that. Loading takes the newest file; a corrupt one is an error naming it, 
 before it is used only when the user asks (`resume_fallback=true`).
 
 Each checkpoint also keeps the text of the run folder's Hydra files (`.hydra/config.yaml`, ...):
-Hydra rewrites them before the run starts, so a resume that is then refused puts them back.
+Hydra rewrites them before the run starts, so a resume that is then refused puts them back
+(mwn.run.folder).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import io
 import os
 import random
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils._pytree import tree_map
 
-PATTERN = re.compile(r"checkpoint-(\d+)\.pt")
+from mwn.run.files import CHECKPOINT, checkpoint_name
 
 
 class CheckpointError(ValueError):
@@ -36,7 +34,7 @@ def checkpoints(folder: Path) -> list[Path]:
     found = [
         (int(m.group(1)), p)
         for p in folder.glob("checkpoint-*.pt")
-        if (m := PATTERN.fullmatch(p.name))
+        if (m := CHECKPOINT.fullmatch(p.name))
     ]
     return [p for _, p in sorted(found, reverse=True)]
 
@@ -77,64 +75,8 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-@contextlib.contextmanager
-def hold(folder: Path):
-    """An exclusive OS lock on the run folder (its `.lock` file, which names the holder's PID)
-    for the block: a second run in the same folder stops with one line instead of writing
-    beside the first. The OS releases it when the process dies, however it dies."""
-    with open(folder / ".lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            pid = f.read().strip() or "unknown"
-            raise CheckpointError(
-                f"{folder}: another run (PID {pid}) is training in this folder; wait for it to "
-                "end, or choose another folder"
-            ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
-HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")  # in the run folder's .hydra/
-
-
-def hydra_files(folder: Path) -> dict[str, str]:
-    """The text of the run folder's Hydra files that exist, by name."""
-    paths = {name: folder / ".hydra" / name for name in HYDRA_FILES}
-    return {name: p.read_text() for name, p in paths.items() if p.is_file()}
-
-
-def write_hydra_files(folder: Path, files: dict[str, str]) -> None:
-    """Write those of `files` (from hydra_files) whose text in the folder's .hydra/ differs."""
-    for name, text in files.items():
-        path = folder / ".hydra" / name
-        if not path.is_file() or path.read_text() != text:
-            path.parent.mkdir(exist_ok=True)
-            path.write_text(text)
-
-
-def restore_hydra_files(folder: Path) -> None:
-    """Put back the Hydra files the folder's newest readable checkpoint kept (checkpoints older
-    than this keep none). Hydra rewrites .hydra/ before a run starts; when that attempt is
-    refused (settings, lock, metrics, a config error), the folder goes on describing the run
-    its checkpoints hold."""
-    try:
-        ckpt = load(folder, "cpu", fallback=True)
-    except CheckpointError:  # none readable: nothing kept to put back
-        return
-    if ckpt is not None:
-        write_hydra_files(folder, ckpt.get("hydra_files", {}))
-
-
 def checkpoint_path(folder: Path, iteration: int) -> Path:
-    return folder / f"checkpoint-{iteration}.pt"
+    return folder / checkpoint_name(iteration)
 
 
 TRAILER = b"mwn-sha256:"  # after the torch.save bytes: this tag and the SHA-256 of those bytes

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from mwn.data import DeviceImages
-from mwn.meta import per_sample_loss, sample_weights
-from mwn.noise import auc
-
-Tensors = dict[str, torch.Tensor]
+from mwn.core.step import per_sample_loss, run_constants, sample_weights
+from mwn.core.types import Tensors
+from mwn.data.batches import DeviceImages
+from mwn.data.noise import auc
+from mwn.run.files import SHOT_GROUPS, WEIGHT_FN_LOSSES, shot_group
 
 
 @torch.no_grad()
@@ -40,14 +40,6 @@ def evaluate(
     return {"test_acc": acc, "per_class_acc": per_class}
 
 
-SHOT_GROUPS = ("many", "medium", "few")
-
-
-def shot_group(train_count: int) -> str:
-    """many (> 100 training images), medium (20-100) or few (< 20)."""
-    return "many" if train_count > 100 else "medium" if train_count >= 20 else "few"
-
-
 def shot_accuracy(per_class_acc: list[float], train_counts: list[int]) -> dict:
     """Mean per-class accuracy of the many-, medium- and few-shot classes (None if a group is
     empty)."""
@@ -62,10 +54,8 @@ def _losses_and_weights(model, meta_net, state, x, y, amp):
     """Per-sample losses under the current classifier (training mode, buffers untouched) and
     the meta-net's raw weights V(loss) for them."""
     losses, _ = per_sample_loss(model, state["params"], state["buffers"], x, y, amp)
-    return losses, sample_weights(meta_net, state["meta_params"], losses, normalize=False)
-
-
-WEIGHT_FN_LOSSES = [i / 5 for i in range(51)]  # 0, 0.2, ..., 10: where the weighting is drawn
+    w = sample_weights(meta_net, state["meta_params"], losses, y, run_constants(state), False)
+    return losses, w
 
 
 @torch.no_grad()
@@ -80,7 +70,7 @@ def weighting(
     its loss under the current classifier (training mode; buffers untouched) and V(loss)."""
     x, y = batch
     grid = torch.tensor(WEIGHT_FN_LOSSES, device=y.device)
-    curve = sample_weights(meta_net, state["meta_params"], grid, normalize=False)
+    curve = sample_weights(meta_net, state["meta_params"], grid, None, run_constants(state), False)
     losses, weights = _losses_and_weights(model, meta_net, state, x, y, amp)
     r = lambda t: [round(v, 6) for v in t.float().tolist()]
     return {

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from mwn.distributed import sum_over_ranks
+from mwn.core.sums import sum_over_ranks
 
 _JVP_RULE = contextvars.ContextVar("batch_norm_jvp_rule", default=False)
 # activations below this many elements keep PyTorch's rule: measured on a 2-core CPU, the Python
@@ -117,7 +117,7 @@ class _TrainBatchNorm(torch.autograd.Function):
     (means over batch and space, per channel). Updates the running statistics in place, as
     F.batch_norm does."""
 
-    generate_vmap_rule = True  # vmappable (vectorised groups, mwn.group): its body is torch ops
+    generate_vmap_rule = True  # vmappable (vectorised groups, mwn.run.group): its body is torch ops
 
     @staticmethod
     def forward(x, weight, bias, running_mean, running_var, momentum, eps):

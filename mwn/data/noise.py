@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from mwn import seeds
-from mwn.data import DataError
+from mwn.data.images import DataError
 
 
 def transition_matrix(kind: str, rate: float, num_classes: int, seed: int) -> torch.Tensor:

@@ -38,14 +38,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mwn.data import DataError, ImageSet
+from mwn.data.images import DataError, ImageSet
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 IGNORED_NAMES = ("thumbs.db", "desktop.ini")  # compared lower-case; plus every name with a '.'
 FORMAT_VERSION = 1  # bump when decoding or the cache's contents change
-STATS_CHUNK = 1 << 22  # pixels (elements) channel_stats converts to float64 at a time: 32 MB
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
 LAYOUT = "expected <root>/train/<class>/<image> and <root>/test/<class>/<image> (PNG or JPEG)"
 
@@ -119,30 +118,6 @@ def load_image_folder(
         "x".join(map(str, train_x.shape[1:])),
     )
     return ds
-
-
-def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:
-    """Per-channel (mean, std) of uint8 images (N, C, H, W) on the 0..1 pixel scale, over every
-    pixel of every image; std is the population one (divides by the count, not count - 1).
-
-    Sums of x and x^2 in float64, a few million pixels at a time (no float copy of the set);
-    they are exact integers below 2^53, so the result is exact to float64 rounding."""
-    if x.dtype != torch.uint8 or x.dim() != 4 or x.numel() == 0:
-        raise ValueError(
-            f"channel_stats needs non-empty uint8 (N, C, H, W), got {x.dtype} {tuple(x.shape)}"
-        )
-    c = x.shape[1]
-    step = max(1, STATS_CHUNK // x[0].numel())  # images per chunk
-    total = torch.zeros(c, dtype=torch.float64)
-    squares = torch.zeros(c, dtype=torch.float64)
-    for start in range(0, len(x), step):
-        part = x[start : start + step].to(torch.float64)
-        total += part.sum((0, 2, 3))
-        squares += part.square_().sum((0, 2, 3))
-    count = x.numel() // c
-    mean = total / count
-    std = (squares / count - mean * mean).clamp(min=0).sqrt()
-    return (mean / 255).tolist(), (std / 255).tolist()
 
 
 # ---------------------------------------------------------------- the folder's files

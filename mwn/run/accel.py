@@ -1,6 +1,6 @@
 """Making one iteration fast without changing what it computes: channels-last memory format,
-torch.compile, and CUDA graphs. `make_step` wraps a step function (`mwn_step` or `erm_step`) the
-same way for the trainer and the benchmark.
+torch.compile, and CUDA graphs. `make_step` wraps a method's step function the same way for the
+trainer and the benchmark.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-from mwn.distributed import LOCAL, Reduce
-from mwn.meta import StepHP
+from mwn.core.step import StepHP
+from mwn.core.sums import LOCAL, Reduce
+from mwn.core.types import Tensors
 
-Tensors = dict[str, torch.Tensor]
 Step = Callable[..., tuple[dict, dict]]  # (state, batch, meta_batch, lr) -> (state, metrics)
 
 

@@ -23,20 +23,10 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from mwn import paper
+from mwn.report import paper
+from mwn.run.files import ERROR, METRICS, OVERRIDES, SUMMARY, current_names
 
 log = logging.getLogger(__name__)
-# summary.json names of earlier releases, read as today's (run folders written before a rename)
-OLD_NAMES = {"acc": "test_acc", "final_acc": "final_test_acc", "best_acc": "best_test_acc"}
-
-
-def current_names(value):
-    """A JSON-like value with the keys of earlier releases renamed, at any depth."""
-    if isinstance(value, dict):
-        return {OLD_NAMES.get(k, k): current_names(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [current_names(v) for v in value]
-    return value
 
 
 ACCURACIES = (
@@ -75,14 +65,14 @@ def shown(rows: list[dict]) -> tuple[str, ...]:
 def read_job(folder: Path) -> dict:
     """One row: job, overrides {key: value}, status (done | failed | unfinished), error, and the
     accuracies and wall time of summary.json."""
-    overrides_file = folder / ".hydra" / "overrides.yaml"
+    overrides_file = folder / OVERRIDES
     overrides = list(OmegaConf.load(overrides_file)) if overrides_file.is_file() else []
     row: dict = {"job": folder.name, "folder": str(folder), "status": "unfinished", "error": ""}
     row["overrides"] = dict(o.partition("=")[::2] for o in overrides)
-    if (folder / "error.json").is_file():
-        row.update(status="failed", error=json.loads((folder / "error.json").read_text())["error"])
-    elif (folder / "summary.json").is_file():
-        summary = current_names(json.loads((folder / "summary.json").read_text()))
+    if (folder / ERROR).is_file():
+        row.update(status="failed", error=json.loads((folder / ERROR).read_text())["error"])
+    elif (folder / SUMMARY).is_file():
+        summary = current_names(json.loads((folder / SUMMARY).read_text()))
         row.update(status="done", wall_time_s=summary["wall_time_s"])
         row.update({k: summary.get(k) for k in ACCURACIES + OPTIONAL})
         row["run"] = {k: summary.get(k) for k in RUN_KEYS}
@@ -122,14 +112,14 @@ def _paper_cells(final: float | None, run: dict | None) -> list[str]:
 
 def job_folders(sweep: Path) -> list[Path]:
     """The job folders of a sweep folder, in job order."""
-    jobs = [p.parent.parent for p in sweep.glob("*/.hydra/overrides.yaml")]
+    jobs = [p.parent.parent for p in sweep.glob(f"*/{OVERRIDES}")]
     return sorted(
         jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
     )
 
 
 def is_sweep(path: Path) -> bool:
-    return bool(job_folders(path)) and not (path / "metrics.jsonl").exists()
+    return bool(job_folders(path)) and not (path / METRICS).exists()
 
 
 def sweep_rows(sweep: Path) -> tuple[list[dict], dict, list[str]]:
@@ -305,7 +295,7 @@ def plot_run_or_note(folder: Path) -> list[Path]:
     """The run's plots, or a logged note (and none) when matplotlib is not installed or a figure
     fails."""
     try:
-        from mwn.plots import plot_run
+        from mwn.report.plots import plot_run
     except ImportError:
         log.warning("plots skipped: matplotlib is not installed (pip install -e '.[plot]')")
         return []
@@ -354,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"{path}: no such folder")
     if is_sweep(path):
         runs = job_folders(path)
-    elif (path / "metrics.jsonl").is_file():
+    elif (path / METRICS).is_file():
         runs = [path]
     else:
         parser.error(
@@ -365,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--paper compares a sweep's table; {path} is a run folder")
     if not args.no_plots:
         for run in runs:
-            if (run / "metrics.jsonl").is_file():
+            if (run / METRICS).is_file():
                 for p in plot_run_or_note(run):
                     print(p)
     if runs != [path]:

@@ -1,9 +1,15 @@
 """Models, held as stateless modules: the CIFAR ResNet (ResNet32 and its smaller siblings), the
 Wide ResNet (WRN-28-10, the MWN paper's model for uniform label noise), and the meta-net MLP
-that maps a sample's loss to its weight.
+that maps a sample's loss to its weight. Two registries name them for the config:
+CLASSIFIERS (`model.arch`) and META_NETS (`meta_net`).
 
 Parameters and buffers live outside the modules, in dicts that `torch.func.functional_call`
 passes in; `extract_state` takes them out once at start-up.
+
+Every meta-net is called as `meta_net(loss, label, constants)`: the detached losses (B,), their
+labels (B,) (None for a curve over losses alone) and the run's constants (mwn.core.step), and
+may put constants of its own into the state (`constants(counts)`, from the training set's class
+counts). A weighting net that also sees a sample's class is one class and one line in META_NETS.
 """
 
 from __future__ import annotations
@@ -12,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mwn.batchnorm import BatchNorm2d
-
-Tensors = dict[str, torch.Tensor]
+from mwn.core.batchnorm import BatchNorm2d
+from mwn.core.types import Tensors
 
 
 class BasicBlock(nn.Module):
@@ -40,6 +45,12 @@ class BasicBlock(nn.Module):
 
 class ResNet(nn.Module):
     """CIFAR ResNet of He et al. (2016): depth = 6n + 2, stages of n blocks at width w, 2w, 4w."""
+
+    DEPTHS = "6n + 2 >= 8 (8, 14, 20, 32, 44, 56, 110)"  # the depths allowed, as the error says
+
+    @staticmethod
+    def depth_ok(depth: int) -> bool:
+        return depth >= 8 and (depth - 2) % 6 == 0
 
     def __init__(self, num_classes: int, depth: int = 32, width: int = 16, in_channels: int = 3):
         super().__init__()
@@ -89,6 +100,12 @@ class WideBlock(nn.Module):
 class WideResNet(nn.Module):
     """Wide ResNet of Zagoruyko and Komodakis (2016): depth = 6n + 4, stages of n blocks at
     widths w, 2w, 4w (w = 16k for widen factor k; WRN-28-10: w = 160, 36.5 M parameters)."""
+
+    DEPTHS = "6n + 4 >= 10 (10, 16, 22, 28, 34, 40)"
+
+    @staticmethod
+    def depth_ok(depth: int) -> bool:
+        return depth >= 10 and (depth - 4) % 6 == 0
 
     def __init__(self, num_classes: int, depth: int = 28, width: int = 160, in_channels: int = 3):
         super().__init__()
@@ -150,16 +167,39 @@ class MetaNet(nn.Module):
                 layers[-1].bias.zero_()
         self.net = nn.Sequential(*layers)
 
-    def forward(self, loss: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        loss: torch.Tensor,
+        label: torch.Tensor | None = None,
+        constants: Tensors | None = None,
+    ) -> torch.Tensor:
+        """Weights (B,) of losses (B,); the label and the run constants are not read."""
         return torch.sigmoid(self.net(loss.unsqueeze(-1))).squeeze(-1)  # (B,)
+
+    @staticmethod
+    def constants(counts: list[int]) -> Tensors:
+        """The run constants it puts in the state: none."""
+        return {}
+
+
+# model.arch -> the classifier: cls(num_classes, depth=, width=, in_channels=), with DEPTHS (the
+# allowed depths, in words) and depth_ok(depth)
+CLASSIFIERS: dict[str, type[nn.Module]] = {"resnet": ResNet, "wrn": WideResNet}
+# meta_net -> the weighting net: cls(hidden_size, num_layers, init), called as (loss, label,
+# constants), with constants(counts)
+META_NETS: dict[str, type[nn.Module]] = {"mlp": MetaNet}
 
 
 def build_classifier(
     arch: str, num_classes: int, in_channels: int, depth: int, width: int
 ) -> nn.Module:
-    """resnet: CIFAR ResNet; wrn: Wide ResNet; `width` = channels of the first stage."""
-    model = {"resnet": ResNet, "wrn": WideResNet}[arch]
-    return model(num_classes, depth=depth, width=width, in_channels=in_channels)
+    """The registered classifier `arch`; `width` = channels of the first stage."""
+    return CLASSIFIERS[arch](num_classes, depth=depth, width=width, in_channels=in_channels)
+
+
+def build_meta_net(name: str, hidden_size: int, num_layers: int, init: str) -> nn.Module:
+    """The registered meta-net `name`."""
+    return META_NETS[name](hidden_size, num_layers, init)
 
 
 def extract_state(module: nn.Module) -> tuple[Tensors, Tensors]:

@@ -1,5 +1,5 @@
 """The baselines of the MWN paper's Table 1, as step functions with `mwn_step`'s signature:
-focal loss, class-balanced loss, and learning to reweight (L2RW).
+ERM (uniform weights), focal loss, class-balanced loss, and learning to reweight (L2RW).
 
 - Focal loss (Lin et al. 2017): L_i = (1 - p_i)^gamma * CE_i with p_i = exp(-CE_i), the
   predicted probability of the true class; gamma = 0 is cross-entropy.
@@ -21,10 +21,47 @@ import torch
 from torch import nn
 from torch.func import vjp
 
-from mwn.distributed import LOCAL, Reduce
-from mwn.fp16 import skip_if_overflow
-from mwn.meta import Batch, StepHP, Sums, loss_dots, loss_step, mean_loss, per_sample_loss
-from mwn.optim import sgd_lookahead_scale
+from mwn.core.optim import sgd_lookahead_scale
+from mwn.core.step import StepHP, loss_dots, mean_loss, per_sample_loss
+from mwn.core.sums import LOCAL, Reduce, Sums, skip_if_overflow
+from mwn.core.types import Batch, Tensors
+
+
+def erm_step(
+    model: nn.Module,
+    meta_net: nn.Module | None,
+    state: dict,
+    batch: Batch,
+    meta_batch: Batch | None,
+    lr: float,
+    hp: StepHP,
+    reduce: Reduce = LOCAL,
+) -> tuple[dict, dict]:
+    """Plain training with uniform weights: the baseline, same signature as `mwn_step`."""
+    return loss_step(model, state, batch, lr, hp, reduce, lambda ce, y: ce)
+
+
+def loss_step(model, state, batch, lr, hp: StepHP, reduce: Reduce, transform) -> tuple[dict, dict]:
+    """One SGD step on the batch mean of transform(CE per sample, labels) (ERM: CE itself)."""
+    x, y = batch
+    sums = hp.sums(state, reduce)
+
+    def mean_and_aux(p):
+        ce, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp)
+        return transform(ce, y).mean(), (new_buffers, ce.detach())
+
+    g, loss, (new_buffers, ce) = sums.grad_of_mean(mean_and_aux, state["params"], has_aux=True)
+    params, momentum = hp.sgd(state["params"], g, state["momentum"], lr)
+    new_state = {
+        **state,
+        "params": params,
+        "buffers": reduce.buffers(new_buffers),
+        "momentum": momentum,
+    }
+    if hp.fp16:
+        new_state = skip_if_overflow(state, new_state, params)
+    (ce_mean,) = reduce.sum([ce.mean() / reduce.world])
+    return new_state, {"loss": ce_mean, "weighted_loss": loss}
 
 
 def focal(ce: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -37,6 +74,11 @@ def class_balanced_weights(counts: list[int], beta: float) -> torch.Tensor:
     n = torch.tensor(counts, dtype=torch.float64)
     w = (1 - beta) / (1 - beta**n)
     return (w * len(counts) / w.sum()).float()
+
+
+def class_balanced_constants(counts: list[int], hp: StepHP) -> Tensors:
+    """The run constant of method=class_balanced: its class weights, in the state."""
+    return {"class_weights": class_balanced_weights(counts, hp.class_balanced_beta)}
 
 
 def focal_step(
@@ -100,7 +142,7 @@ def l2rw_step(
 ) -> tuple[dict, dict]:
     """One L2RW iteration: weights from the meta batch's gradient, then the weighted step."""
     n = batch[1].shape[0] * reduce.world
-    sums = Sums(state["scaler"]["scale"] if hp.fp16 else 1.0, reduce)
+    sums = hp.sums(state, reduce)
     u, meta_loss, (losses, pullback, new_buffers) = l2rw_scores(
         model, state, batch, meta_batch, lr, hp, sums
     )
@@ -119,7 +161,7 @@ def l2rw_step(
     if hp.fp16:
         new_state = skip_if_overflow(state, new_state, params)
     stats = [losses.mean(), (v * n * losses).mean(), (u > 0).float().mean()]
-    loss, weighted, kept_fraction = reduce.sum([torch.stack(stats) / reduce.world])[0]
+    loss, weighted, kept_fraction = sums.global_means(stats)
     return new_state, {
         "loss": loss,
         "weighted_loss": weighted,

@@ -1,0 +1,114 @@
+"""The run folder: where a run lives, the lock that keeps one process in it, the Hydra files a
+refused attempt puts back, and how a run that stops early says so (its errors, error.json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+from pathlib import Path
+
+from hydra.utils import to_absolute_path
+from omegaconf import DictConfig
+
+from mwn.config import ConfigError
+from mwn.data.images import DataError
+from mwn.run import checkpoint
+from mwn.run.files import ERROR, HYDRA_DIR, HYDRA_FILES, LOCK
+
+log = logging.getLogger(__name__)
+
+
+class NonFinite(RuntimeError):
+    """A loss or meta-gradient went non-finite in fp32; the last good state was saved."""
+
+
+class Preempted(RuntimeError):
+    """The run was asked to stop (SIGTERM, SIGINT) and saved a checkpoint first."""
+
+
+# the errors of bad settings, data or checkpoints, and divergence: one line, no traceback
+KNOWN_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, NonFinite)
+
+
+def exit_code(e: Preempted) -> int:
+    """128 + the signal that stopped the run, as if it had ended the process."""
+    return 130 if "SIGINT" in str(e) else 143
+
+
+def fail_job(job_dir: Path, e: Exception) -> None:
+    """A sweep job failed: log it and write its error.json (its row in the sweep summary)."""
+    known = isinstance(e, KNOWN_ERRORS)
+    message = str(e) if known else f"{type(e).__name__}: {e}"
+    log.error("mwn: error: %s", message, exc_info=None if known else e)
+    (job_dir / ERROR).write_text(json.dumps({"error": message}) + "\n")
+
+
+def run_folder(cfg: DictConfig, out_dir: Path) -> Path:
+    """Where the run lives: the folder named by `resume` (a run continued in its own folder),
+    else Hydra's output folder."""
+    return Path(to_absolute_path(cfg.resume)) if cfg.resume else out_dir
+
+
+def check_resumable(cfg: DictConfig, folder: Path) -> None:
+    """resume=<folder> names a folder this process can continue a run in."""
+    if cfg.resume and not folder.is_dir():
+        raise ConfigError(f"resume={cfg.resume!r}: no such run folder")
+    if cfg.resume and not os.access(folder, os.W_OK | os.X_OK):  # (root passes any folder)
+        raise ConfigError(f"resume={cfg.resume!r}: the run folder is not writable here")
+
+
+@contextlib.contextmanager
+def hold(folder: Path):
+    """An exclusive OS lock on the run folder (its `.lock` file, which names the holder's PID)
+    for the block: a second run in the same folder stops with one line instead of writing
+    beside the first. The OS releases it when the process dies, however it dies."""
+    with open(folder / LOCK, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            pid = f.read().strip() or "unknown"
+            raise checkpoint.CheckpointError(
+                f"{folder}: another run (PID {pid}) is training in this folder; wait for it to "
+                "end, or choose another folder"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def hydra_files(folder: Path) -> dict[str, str]:
+    """The text of the run folder's Hydra files that exist, by name."""
+    paths = {name: folder / HYDRA_DIR / name for name in HYDRA_FILES}
+    return {name: p.read_text() for name, p in paths.items() if p.is_file()}
+
+
+def write_hydra_files(folder: Path, files: dict[str, str]) -> None:
+    """Write those of `files` (from hydra_files) whose text in the folder's .hydra/ differs."""
+    for name, text in files.items():
+        path = folder / HYDRA_DIR / name
+        if not path.is_file() or path.read_text() != text:
+            path.parent.mkdir(exist_ok=True)
+            path.write_text(text)
+
+
+def restore_hydra_files(folder: Path) -> None:
+    """Put back the Hydra files the folder's newest readable checkpoint kept (checkpoints older
+    than this keep none). Hydra rewrites .hydra/ before a run starts; when that attempt is
+    refused (settings, lock, metrics, a config error), the folder goes on describing the run
+    its checkpoints hold."""
+    try:
+        ckpt = checkpoint.load(folder, "cpu", fallback=True)
+    except checkpoint.CheckpointError:  # none readable: nothing kept to put back
+        return
+    if ckpt is not None:
+        write_hydra_files(folder, ckpt.get("hydra_files", {}))

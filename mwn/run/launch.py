@@ -1,0 +1,136 @@
+"""Starting runs: one run (`train`, what `python -m mwn.train` and torchrun's ranks call), or a
+sweep's jobs in vectorised groups (`train_groups`, what `hydra/launcher=vmap` calls). Both
+build each run, resume it from its own folder, and hand it to the one loop (mwn.run.loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from mwn.run import checkpoint, folder
+from mwn.run.build import build_run
+from mwn.run.files import ERROR
+from mwn.run.folder import KNOWN_ERRORS, fail_job, run_folder
+from mwn.run.group import Vmapped, plan_groups
+from mwn.run.loop import Member, Plain, loop
+from mwn.run.monitor import Progress
+from mwn.run.ranks import ONE, Ranks
+from mwn.run.recorder import Recorder, StopFlag, resume
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
+    """One run. Writes metrics.jsonl and summary.json into out_dir; returns the summary.
+    With several ranks (process group initialised): rank 0's out_dir is the run folder, and
+    only rank 0 writes into it and returns the summary (the others return None)."""
+    with contextlib.ExitStack() as held:
+        lock = held.enter_context(contextlib.ExitStack())
+        try:  # until the run has its folder, a refusal leaves the folder's Hydra files as kept
+            run = build_run(cfg, out_dir, ranks)  # checks, data, models, the step
+            if ranks.main:
+                lock.enter_context(folder.hold(run.out_dir))  # one run per folder
+            state, tally = resume(run)  # a fresh state, or the newest checkpoint's
+            stop = StopFlag()  # SIGTERM / Ctrl-C: checkpoint, then stop
+            recorder = Recorder(run, tally, stop)  # metrics.jsonl, progress, checkpoints
+        except Exception:
+            if ranks.main:
+                folder.restore_hydra_files(run_folder(cfg, out_dir))
+            raise
+        held.enter_context(stop)
+        held.enter_context(recorder)
+        member = Member(out_dir, run, tally, recorder, lock, state)
+        train_members([member], Plain, stop)
+        return member.summary
+
+
+def train_members(members: list[Member], runs_of: Callable, stop: StopFlag) -> None:
+    """Finish the members whose schedule was done before, and loop over the others together
+    (`runs_of`: Plain for a single run, Vmapped for a group, which gets a progress display of
+    its own)."""
+    for m in members:
+        if m.tally.start >= m.run.cfg.train_iters:  # done before: only the summary is missing
+            m.finish(m.state)
+    members = [m for m in members if not m.ended]
+    if not members:
+        return
+    progress = None
+    if runs_of is not Plain:
+        cfg = members[0].run.cfg
+        end = max(m.run.cfg.train_iters for m in members)
+        progress = Progress(cfg.progress, end, members[0].tally.start)
+    loop(members, runs_of(members), stop, progress)
+
+
+def train_groups(
+    cfgs: list[DictConfig],
+    job_dirs: list[Path],
+    max_runs: int,
+    on_finish: Callable[[Member], None] | None = None,
+) -> list[dict | None]:
+    """Train the jobs (composed configs and Hydra's job folders) in vectorised groups of at most
+    max_runs; returns each job's summary, or None where it failed (its error.json says why).
+    `on_finish` is called for each run as its schedule ends (plots, its result line)."""
+    results: list[dict | None] = [None] * len(cfgs)
+    groups = plan_groups(cfgs, max_runs)
+    for n, ids in enumerate(groups):
+        names = ", ".join(job_dirs[i].name for i in ids)
+        log.info(f"vectorised group {n + 1} of {len(groups)}: {len(ids)} runs ({names})")
+        summaries = train_group([cfgs[i] for i in ids], [job_dirs[i] for i in ids], on_finish)
+        for i, summary in zip(ids, summaries):
+            results[i] = summary
+    return results
+
+
+def train_group(
+    cfgs: list[DictConfig], job_dirs: list[Path], on_finish: Callable | None = None
+) -> list[dict | None]:
+    """Build every run as a single run would, resume each from its own checkpoints, and train
+    those that start at the same iteration together."""
+    with contextlib.ExitStack() as stack:
+        stop = stack.enter_context(StopFlag())
+        members = []
+        for cfg, job_dir in zip(cfgs, job_dirs):
+            (job_dir / ERROR).unlink(missing_ok=True)
+            stack.enter_context(_log_to(job_dir / "train.log"))
+            lock = stack.enter_context(contextlib.ExitStack())
+            try:
+                run = build_run(cfg, job_dir, ONE)
+                lock.enter_context(folder.hold(run.out_dir))
+                state, tally = resume(run)
+                recorder = Recorder(run, tally, stop, label=job_dir.name)
+            except KNOWN_ERRORS as e:
+                folder.restore_hydra_files(run_folder(cfg, job_dir))  # as a single run does
+                fail_job(job_dir, e)
+                lock.close()
+                continue
+            recorder.rng = checkpoint.rng_states()  # as this run left them (never drawn from)
+            stack.enter_context(recorder)
+            members.append(
+                Member(job_dir, run, tally, recorder, lock, state, True, on_finish=on_finish)
+            )
+        by_start: dict[int, list[Member]] = {}
+        for m in members:
+            by_start.setdefault(m.tally.start, []).append(m)
+        for together in by_start.values():
+            train_members(together, Vmapped, stop)
+        by_dir = {m.job_dir: m.summary for m in members}
+        return [by_dir.get(job_dir) for job_dir in job_dirs]
+
+
+@contextlib.contextmanager
+def _log_to(path: Path):
+    """Within the block, the log also goes to `path` (each job's train.log gets its group's)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    logging.getLogger().addHandler(handler)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()

@@ -1,0 +1,282 @@
+"""What a run carries besides its training state, and the loop's side effects: the tally (start,
+best and latest validation), resuming from the newest checkpoint, validation, the Recorder
+(metrics.jsonl, progress, TensorBoard, checkpoints), the signals that stop a run, and the
+summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mwn.config import ConfigError
+from mwn.run import checkpoint, folder
+from mwn.run.build import Run, initial_state
+from mwn.run.evaluate import evaluate, noise_separation, shot_accuracy, weighting
+from mwn.run.files import METRICS, NOISE, NOISE_KEYS, SHOT_GROUPS, SUMMARY, WEIGHT_FN_LOSSES
+from mwn.run.folder import NonFinite
+from mwn.run.monitor import Progress, TensorBoard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Tally:
+    """What the loop carries besides the training state (all of it kept in checkpoints)."""
+
+    start: int = 0  # the first iteration to run
+    best: dict = field(default_factory=lambda: {"test_acc": -1.0})  # the best validation
+    last_eval: dict | None = None  # the latest validation
+    elapsed_s: float = 0.0  # wall time of the run before this process
+    metrics_bytes: int = 0  # the length of metrics.jsonl at the checkpoint
+
+
+def resume(run: Run) -> tuple[dict, Tally]:
+    """The newest checkpoint in the run folder, if any, under the same settings; else a fresh
+    state."""
+    ckpt = checkpoint.load(run.out_dir, run.device, run.cfg.resume_fallback)
+    if ckpt is None:
+        if run.cfg.resume:
+            raise checkpoint.CheckpointError(
+                f"resume={run.cfg.resume!r}: no checkpoint-*.pt in {run.out_dir}"
+            )
+        return initial_state(run), Tally()
+    checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
+    if ckpt["iteration"] > run.cfg.train_iters:
+        raise ConfigError(
+            f"train_iters={run.cfg.train_iters}: the run in {run.out_dir} has done "
+            f"{ckpt['iteration']} iterations; allowed values are >= {ckpt['iteration']}"
+        )
+    checkpoint.set_rng_states(ckpt["rng"])
+    log.info("resuming from %s at iteration %d", ckpt["path"], ckpt["iteration"])
+    if ckpt.get("world", 1) != run.ranks.world:  # global batches: same data, same arithmetic
+        log.info(
+            "the checkpoint was written by %d processes, this run has %d",
+            ckpt.get("world", 1),
+            run.ranks.world,
+        )
+    tally = Tally(
+        ckpt["iteration"], ckpt["best"], ckpt["last_eval"], ckpt["elapsed_s"], ckpt["metrics_bytes"]
+    )
+    return ckpt["state"], tally
+
+
+def non_finite(metrics: dict) -> list[str]:
+    """The names of the metrics that are not finite (one host sync for all)."""
+    finite = torch.isfinite(torch.stack(list(metrics.values()))).tolist()
+    return [k for k, ok in zip(metrics, finite) if not ok]
+
+
+def non_finite_state(state: dict) -> list[str]:
+    """The state's float tensors with a non-finite value, as group/name (one host sync)."""
+    leaves = list(_float_leaves(state))
+    finite = torch.stack([v.isfinite().all() for _, v in leaves]).tolist() if leaves else []
+    return [name for (name, _), ok in zip(leaves, finite) if not ok]
+
+
+def _float_leaves(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _float_leaves(v, f"{prefix}{k}/")
+        elif isinstance(v, torch.Tensor) and v.is_floating_point():
+            yield prefix + k, v
+
+
+def validation(run: Run, state: dict, batch: tuple, batch_index: torch.Tensor) -> dict:
+    """Test accuracy (overall, per class, per shot group) and what the meta-net does."""
+    cfg, data, model, meta_net = run.cfg, run.data, run.model, run.meta_net
+    out = evaluate(
+        model, state["params"], state["buffers"], data.test, data.num_classes, cfg.eval_batch_size
+    )
+    out.update(shot_accuracy(out["per_class_acc"], data.counts))
+    if run.method.meta_net:  # its weighting function, and the latest batch's weights
+        out.update(weighting(model, meta_net, state, batch, run.hp.amp))
+        if data.probe is not None:  # how it weighs clean and corrupted samples
+            out["batch"]["noisy"] = data.noisy[batch_index].tolist()
+            out.update(
+                noise_separation(
+                    model, meta_net, state, data.probe, data.probe_noisy, cfg.batch_size, run.hp.amp
+                )
+            )
+    return out
+
+
+def validation_line(done: int, tally: Tally) -> str:
+    e = tally.last_eval
+    shots = "  ".join(f"{g} {e[g + '_acc']:.2f}" for g in SHOT_GROUPS if e[g + "_acc"] is not None)
+    return f"iter {done}  test acc {e['test_acc']:.2f} (best {tally.best['test_acc']:.2f})  {shots}"
+
+
+class StopFlag:
+    """Within its block, SIGTERM and SIGINT (Ctrl-C) only set `raised` to the signal's name
+    (checked once per iteration): the run checkpoints and stops."""
+
+    raised: str | None = None
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self):
+        self.old = {}
+        if threading.current_thread() is threading.main_thread():
+            self.old = {sig: signal.signal(sig, self._on_signal) for sig in self.SIGNALS}
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        self.raised = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self.old.items():
+            signal.signal(sig, old)
+
+
+class Recorder:
+    """The loop's side effects: metrics.jsonl, progress, TensorBoard, checkpoints, and SIGTERM /
+    SIGINT (which only set `stop.raised`, checked once per iteration). Rank 0 records; on the
+    other ranks (`active` false) it writes nothing but still catches the signals. The runs of a
+    vectorised group (mwn.group) share one `stop` flag, which the group enters, and show their
+    notes with a `label` instead of a progress display of their own. The signals are caught by
+    the StopFlag the caller holds (one for a run, one for a whole group)."""
+
+    def __init__(self, run: Run, tally: Tally, stop: StopFlag, label: str = "") -> None:
+        self.run, self.active, self.label = run, run.ranks.main, label
+        self.t_start = time.perf_counter()
+        self.stop = stop
+        start, cfg = tally.start, run.cfg
+        mode = cfg.progress if self.active and not label else "none"
+        self.progress = Progress(mode, cfg.train_iters, start)
+        self.rng: dict | None = None  # the global RNG states to save (None: the current ones)
+        # the Hydra files of the run, read once it holds the folder and its resume is accepted
+        self.hydra_files = folder.hydra_files(run.out_dir) if self.active else {}
+        self.board = None
+        if self.active and cfg.logger.name == "tensorboard":
+            self.board = TensorBoard(run.out_dir, start)
+        path = run.out_dir / METRICS if self.active else Path(os.devnull)
+        if self.active:
+            size = path.stat().st_size if path.exists() else 0
+            if size < tally.metrics_bytes:  # the resume would pad it with NUL bytes
+                raise checkpoint.CheckpointError(
+                    f"{path}: {size} bytes, but the checkpoint recorded {tally.metrics_bytes}: "
+                    "metrics.jsonl was truncated or removed; restore it, or start a new run"
+                )
+            if cfg.noise != "none":
+                (run.out_dir / NOISE).write_text(json.dumps(run.data.noise) + "\n")
+            with open(path, "ab") as f:  # drop lines written after the checkpoint
+                f.truncate(tally.metrics_bytes)
+        self.metrics = open(path, "ab")  # noqa: SIM115  (closed by __exit__)
+
+    def __enter__(self) -> Recorder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.metrics.closed:  # finished before the block ends (a group's run)
+            return
+        self.metrics.close()
+        self.progress.close()
+        if self.board is not None:
+            self.board.close()
+
+    def log(self, done: int, record: dict | None) -> None:
+        """After iteration `done`: a metrics.jsonl line, if any, and the progress display."""
+        if record is not None:
+            self.metrics.write((json.dumps(record) + "\n").encode())
+            if self.board is not None:
+                self.board.write(record)
+        self.progress.update(done, record)
+
+    def note(self, message: str) -> None:
+        self.progress.write(f"{self.label}: {message}" if self.label else message)
+
+    def elapsed_s(self, tally: Tally) -> float:
+        return tally.elapsed_s + time.perf_counter() - self.t_start
+
+    def last_finite_checkpoint(self, done: int, state: dict, tally: Tally) -> str:
+        """Where the last finite state is: `state` saved, if it is finite, else the newest
+        checkpoint (every checkpoint holds a finite state)."""
+        if not non_finite_state(state):
+            return f"checkpoint of the last good state: {self.checkpoint(done, state, tally)}"
+        newest = checkpoint.checkpoints(self.run.out_dir)
+        return f"the last finite checkpoint: {newest[0] if newest else 'none yet'}"
+
+    def checkpoint(self, done: int, state: dict, tally: Tally) -> Path:
+        """Save the state after `done` iterations (rank 0; the state is the same on every
+        rank). A state with a non-finite tensor (parameters, BatchNorm statistics, optimiser
+        states) is never saved: the run stops, its newest checkpoint kept."""
+        if bad := non_finite_state(state):
+            newest = checkpoint.checkpoints(self.run.out_dir)
+            raise NonFinite(
+                f"iteration {done}: non-finite {', '.join(bad[:3])} in the training state; the "
+                f"last finite checkpoint: {newest[0] if newest else 'none yet'}"
+            )
+        if not self.active:
+            return checkpoint.checkpoint_path(self.run.out_dir, done)
+        # a refused attempt at this folder while the run trains (another process, stopped by
+        # the lock) found no checkpoint to restore from, or an older one: this run's files
+        folder.write_hydra_files(self.run.out_dir, self.hydra_files)
+        self.metrics.flush()
+        payload = {
+            "iteration": done,
+            "state": state,
+            "best": tally.best,
+            "last_eval": tally.last_eval,
+            "metrics_bytes": self.metrics.tell(),
+            "config": self.run.settings,
+            "elapsed_s": self.elapsed_s(tally),
+            "rng": self.rng or checkpoint.rng_states(),
+            "world": self.run.ranks.world,
+            "hydra_files": self.hydra_files,
+        }
+        return checkpoint.save(self.run.out_dir, done, payload)
+
+
+def summarise(run: Run, state: dict, tally: Tally) -> dict:
+    """summary.json: the final and best test accuracies and what the run was."""
+    cfg, data, last, best = run.cfg, run.data, tally.last_eval, tally.best
+    if last is None:  # a resumed run whose schedule ends where it stopped, before validating
+        raise ConfigError(
+            f"train_iters={cfg.train_iters}: no validation has run yet; allowed "
+            f"values are > {cfg.train_iters}"
+        )
+    noise_diagnosed = data.probe is not None and run.method.meta_net
+    summary = {
+        "dataset": data.name,
+        "method": str(cfg.method),
+        "model": f"{cfg.model.arch}{cfg.model.depth}",
+        "imbalance": cfg.imbalance,
+        "train_per_class": cfg.train_per_class,
+        "seed": cfg.seed,
+        "final_test_acc": last["test_acc"],
+        "best_test_acc": best["test_acc"],
+        "best_iter": best["iter"],
+        "final_per_class_acc": last["per_class_acc"],
+        **{f"final_{k}": last[k] for k in ("many_acc", "medium_acc", "few_acc")},
+        **{f"best_{k}": best[k] for k in ("many_acc", "medium_acc", "few_acc")},
+        "train_class_counts": data.counts,
+        "noise": str(cfg.noise),
+        "noise_rate": cfg.noise_rate,
+        "corrupted_fraction": data.noise["corrupted_fraction"],
+        **({f"final_{k}": last[k] for k in NOISE_KEYS} if noise_diagnosed else {}),
+        "weight_fn_losses": WEIGHT_FN_LOSSES,
+        "meta_size": len(data.meta),
+        "test_size": len(data.test),
+        "iterations": cfg.train_iters,
+        "wall_time_s": tally.elapsed_s,
+        "device": str(run.device),
+        "threads": torch.get_num_threads(),  # float sums (and so results) depend on it
+        "processes": run.ranks.world,
+        "skipped_steps": int(state["scaler"]["skipped"]) if cfg.fp16 else 0,
+    }
+    (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def result_line(summary: dict) -> str:
+    return (
+        f"IF {summary['imbalance']:g} || Best Acc.: {summary['best_test_acc']:.2f} || "
+        f"Final Acc.: {summary['final_test_acc']:.2f}"
+    )
