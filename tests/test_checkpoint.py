@@ -346,13 +346,13 @@ def test_a_run_puts_its_hydra_files_back_when_it_checkpoints(tmp_path):
     restore from: the running run rewrites its own at each checkpoint."""
     from mwn.run.build import build_run
     from mwn.run.ranks import ONE
-    from mwn.run.recorder import Recorder, resume
+    from mwn.run.recorder import Recorder, StopFlag, resume
 
     folder = tmp_path / "run"
     hydra_writes(folder, "running")
     run = build_run(make_cfg(*FAST), folder, ONE)
     state, tally = resume(run)
-    with Recorder(run, tally) as recorder:
+    with Recorder(run, tally, StopFlag()) as recorder:
         before = hydra_files(folder)
         hydra_writes(folder, "refused")
         recorder.checkpoint(0, state, tally)

@@ -152,6 +152,7 @@ def test_a_vectorised_group_writes_what_single_runs_write(tmp_path, shared):
     imbalance factors; each job's folder as a single run's, values within fp32 rounding; also
     with the meta-net updated every second iteration (the group's step between meta updates)."""
     from mwn.run.launch import train_groups
+    from mwn.train import finished_job
 
     jobs = [
         f"seed=0 hidden_size=50 imbalance=10 {shared}",
@@ -159,7 +160,8 @@ def test_a_vectorised_group_writes_what_single_runs_write(tmp_path, shared):
     ]
     cfgs = [make_cfg(*FAST, "checkpoint_every=3", *j.split()) for j in jobs]
     dirs = [tmp_path / "group" / str(i) for i in range(len(jobs))]
-    summaries = train_groups(cfgs, [d for d in dirs if d.mkdir(parents=True) is None], 16)
+    made = [d for d in dirs if d.mkdir(parents=True) is None]
+    summaries = train_groups(cfgs, made, 16, on_finish=finished_job)  # as the launcher does
     for i in range(len(cfgs)):
         single = tmp_path / "single" / str(i)
         expected = train(make_cfg(*FAST, "checkpoint_every=3", *jobs[i].split()), single)

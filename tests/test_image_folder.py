@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mwn.data import image_folder
+from mwn.data import image_folder, images
 from mwn.data.image_folder import load_image_folder
 from mwn.data.images import DataError, channel_stats
 
@@ -297,7 +297,7 @@ def test_channel_stats_match_numpy_population_std_across_chunks(monkeypatch):
     ref = x.numpy().astype(np.float64) / 255
     want_mean = ref.mean(axis=(0, 2, 3))
     want_std = ref.std(axis=(0, 2, 3))  # ddof=0: population std
-    monkeypatch.setattr(image_folder, "STATS_CHUNK", 3 * 6 * 7 * 5)  # 5 images a chunk: 8 chunks
+    monkeypatch.setattr(images, "STATS_CHUNK", 3 * 6 * 7 * 5)  # 5 images a chunk: 8 chunks
     mean, std = channel_stats(x)
     np.testing.assert_allclose(mean, want_mean, rtol=0, atol=1e-12)
     np.testing.assert_allclose(std, want_std, rtol=0, atol=1e-12)

@@ -241,7 +241,7 @@ def test_a_launcher_whose_plugin_is_missing_is_a_one_line_error(monkeypatch):
     problem = check_command_line(["-m", "hydra/launcher=joblib", "seed=0,1"], CONF_DIR)
     assert problem == (
         "hydra/launcher=joblib: needs the hydra-joblib-launcher package "
-        "(pip install -e '.[joblib]'); allowed without it: basic"
+        "(pip install 'mwn[joblib]'); allowed without it: basic"
     )
 
 
@@ -303,7 +303,7 @@ def test_the_noise_auc_column_appears_only_for_noise_sweeps(tmp_path):
 
 
 def test_a_failing_figure_is_a_note_not_a_failed_run(tmp_path, monkeypatch, caplog):
-    from mwn import plots
+    from mwn.report import plots
 
     run = tmp_path / "run"
     train(make_cfg(*TINY), run)

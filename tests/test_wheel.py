@@ -80,9 +80,19 @@ def test_the_wheel_runs_the_default_command_and_a_vmap_sweep_outside_the_repo(wh
     assert one.returncode == 0, one.stderr
     assert one.stdout.strip().splitlines()[-1].startswith("IF 20 || Best Acc.:")
     assert len(list((tmp_path / "outputs").glob("*/*/summary.json"))) == 1
-    sweep = tmp_path / "sweep"
+    _vmap_sweep(wheel_env, tmp_path)
+
+
+def test_the_editable_install_runs_a_vmap_sweep_outside_the_repo(tmp_path):
+    _vmap_sweep(sys.executable, tmp_path)
+
+
+def _vmap_sweep(python: str, cwd: Path) -> None:
+    """`python -m mwn.train -m seed=0,1 ... hydra/launcher=vmap` in cwd: one group of two runs,
+    each job's summary and the sweep's table."""
+    sweep = cwd / "sweep"
     r = _run(
-        wheel_env,
+        python,
         "-m",
         "mwn.train",
         "-m",
@@ -90,27 +100,9 @@ def test_the_wheel_runs_the_default_command_and_a_vmap_sweep_outside_the_repo(wh
         *TINY,
         "hydra/launcher=vmap",
         f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
+        cwd=cwd,
     )
     assert r.returncode == 0, r.stderr
     assert "vectorised group 1 of 1: 2 runs" in r.stderr + r.stdout
     assert (sweep / "0" / "summary.json").is_file() and (sweep / "1" / "summary.json").is_file()
-    assert (sweep / "summary.md").is_file() and "2 jobs: 2 done" in (sweep / "summary.md").read_text()
-
-
-def test_the_editable_install_runs_a_vmap_sweep_outside_the_repo(tmp_path):
-    sweep = tmp_path / "sweep"
-    r = _run(
-        sys.executable,
-        "-m",
-        "mwn.train",
-        "-m",
-        "seed=0,1",
-        *TINY,
-        "hydra/launcher=vmap",
-        f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path,
-    )
-    assert r.returncode == 0, r.stderr
-    assert "vectorised group 1 of 1: 2 runs" in r.stderr + r.stdout
-    assert (sweep / "1" / "summary.json").is_file()
+    assert "2 jobs: 2 done" in (sweep / "summary.md").read_text()

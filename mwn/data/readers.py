@@ -203,9 +203,7 @@ READERS: dict[str, Reader] = {
         root, download
     ),
     "cifar10": lambda root, download, image_size, progress: load_cifar(root, "cifar10", download),
-    "cifar100": lambda root, download, image_size, progress: load_cifar(
-        root, "cifar100", download
-    ),
+    "cifar100": lambda root, download, image_size, progress: load_cifar(root, "cifar100", download),
     "image_folder": lambda root, download, image_size, progress: load_image_folder(
         root, image_size, progress=progress
     ),
