@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 ONCE = {
-    "meta_split": 0,  # which training images become the meta set (mwn.data.split_meta)
-    "long_tail": 1,  # which images each class keeps (mwn.data.make_long_tail)
-    "noise_classes": 2,  # the other classes of flip / flip2 noise (mwn.noise)
-    "noise_labels": 3,  # which labels are corrupted, and to what (mwn.noise)
+    "meta_split": 0,  # which training images become the meta set (mwn.data.splits.split_meta)
+    "long_tail": 1,  # which images each class keeps (mwn.data.splits.make_long_tail)
+    "noise_classes": 2,  # the other classes of flip / flip2 noise (mwn.data.noise)
+    "noise_labels": 3,  # which labels are corrupted, and to what (mwn.data.noise)
     "noise_probe": 4,  # the training samples on which clean and noisy weights are compared
 }
 

@@ -6,7 +6,7 @@ can be compared without re-training; Hydra calls `SweepSummary` when a multirun 
 A job's row comes from its folder: `.hydra/overrides.yaml` (what the job changed),
 `summary.json` (a finished job) or `error.json` (a failed one, written by mwn.train).
 
-With `--paper`, the final test accuracy is set beside the published one (mwn.paper) for the
+With `--paper`, the final test accuracy is set beside the published one (mwn.report.paper) for the
 dataset, imbalance or label noise and method that each job's summary.json names.
 """
 

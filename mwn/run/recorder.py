@@ -139,7 +139,7 @@ class Recorder:
     """The loop's side effects: metrics.jsonl, progress, TensorBoard, checkpoints, and SIGTERM /
     SIGINT (which only set `stop.raised`, checked once per iteration). Rank 0 records; on the
     other ranks (`active` false) it writes nothing but still catches the signals. The runs of a
-    vectorised group (mwn.group) share one `stop` flag, which the group enters, and show their
+    vectorised group (mwn.run.group) share one `stop` flag, which the group enters, and show their
     notes with a `label` instead of a progress display of their own. The signals are caught by
     the StopFlag the caller holds (one for a run, one for a whole group)."""
 
