@@ -32,7 +32,8 @@ warnings.filterwarnings(
     "ignore", message="`torch.jit.script` is deprecated", category=FutureWarning
 )
 
-# the keys of the optimisation state; any other top-level key is a run constant
+# the keys of the optimisation state (hp: a vectorised group's per-run hyperparameters); any
+# other top-level key is a run constant
 STATE_KEYS = ("params", "buffers", "momentum", "meta_params", "meta_opt", "scaler", "hp")
 
 
@@ -72,8 +73,9 @@ class StepHP:
         )
 
     def sums(self, state: dict, reduce: Reduce) -> Sums:
-        """The iteration's door for gradients and rank sums (mwn.core.sums)."""
-        return Sums.of(state, self.fp16, reduce)
+        """The iteration's door for gradients and rank sums (mwn.core.sums): the state's loss
+        scale when fp16."""
+        return Sums(state["scaler"]["scale"] if self.fp16 else 1.0, reduce)
 
 
 def init_state(params: Tensors, buffers: Tensors, meta_params: Tensors, fp16: bool = False) -> dict:

@@ -155,11 +155,6 @@ class Sums:
     scale: float | torch.Tensor = 1.0
     reduce: Reduce = LOCAL
 
-    @classmethod
-    def of(cls, state: dict, fp16: bool, reduce: Reduce) -> Sums:
-        """The door for one iteration of a state (its loss scale, when fp16)."""
-        return cls(state["scaler"]["scale"] if fp16 else 1.0, reduce)
-
     def total(self, tensors: Tensors) -> Tensors:
         """Summed over the ranks."""
         return dict(zip(tensors, self.reduce.sum(list(tensors.values()))))

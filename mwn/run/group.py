@@ -149,15 +149,17 @@ def plan_groups(cfgs: list[DictConfig], max_runs: int) -> list[list[int]]:
 class Vmapped:
     """What vmap adds to the loop (mwn.run.loop): the members' states stacked, padded to the
     group's meta-net, one vmapped step; their batches and learning rates stacked each
-    iteration, each run's state and metrics sliced back out for what follows its step."""
+    iteration, each run's state and metrics sliced back out for what follows its step. The
+    loop shows the group's progress (each run only notes its validations)."""
+
+    own_progress = True
 
     def __init__(self, members: list) -> None:
         first = members[0].run
         cfg, device = first.cfg, first.device
         meta_net = new_meta_net(cfg, max(m.run.cfg.hidden_size for m in members)).to(device)
         shapes = meta_shapes(meta_net)
-        for m in members:
-            m.shapes = meta_shapes(m.run.meta_net)
+        self.shapes = [meta_shapes(m.run.meta_net) for m in members]  # each run's own
         hps = [{k: getattr(m.run.hp, k) for k in PER_RUN_HP} for m in members]
         self.state = group_state([m.state for m in members], hps, shapes)
         for m in members:
@@ -177,8 +179,8 @@ class Vmapped:
         """Per run, whether each metric is finite (one host sync for all)."""
         return torch.isfinite(torch.stack(list(metrics.values()), 1)).tolist()
 
-    def own(self, state: dict, k: int, member) -> dict:
-        return run_state(state, k, member.shapes)
+    def own(self, state: dict, k: int) -> dict:
+        return run_state(state, k, self.shapes[k])
 
     def metrics(self, metrics: dict, k: int) -> dict:
         return {n: v[k] for n, v in metrics.items()}

@@ -30,23 +30,42 @@ def train(cfg: DictConfig, out_dir: Path, ranks: Ranks = ONE) -> dict | None:
     With several ranks (process group initialised): rank 0's out_dir is the run folder, and
     only rank 0 writes into it and returns the summary (the others return None)."""
     with contextlib.ExitStack() as held:
-        lock = held.enter_context(contextlib.ExitStack())
-        try:  # until the run has its folder, a refusal leaves the folder's Hydra files as kept
-            run = build_run(cfg, out_dir, ranks)  # checks, data, models, the step
-            if ranks.main:
-                lock.enter_context(folder.hold(run.out_dir))  # one run per folder
-            state, tally = resume(run)  # a fresh state, or the newest checkpoint's
-            stop = StopFlag()  # SIGTERM / Ctrl-C: checkpoint, then stop
-            recorder = Recorder(run, tally, stop)  # metrics.jsonl, progress, checkpoints
-        except Exception:
-            if ranks.main:
-                folder.restore_hydra_files(run_folder(cfg, out_dir))
-            raise
+        stop = StopFlag()  # SIGTERM / Ctrl-C: checkpoint, then stop (caught once it is built)
+        member = start(cfg, out_dir, ranks, stop)
+        held.enter_context(member.lock)
         held.enter_context(stop)
-        held.enter_context(recorder)
-        member = Member(out_dir, run, tally, recorder, lock, state)
+        held.enter_context(member.recorder)
         train_members([member], Plain, stop)
         return member.summary
+
+
+def start(
+    cfg: DictConfig,
+    job_dir: Path,
+    ranks: Ranks,
+    stop: StopFlag,
+    label: str = "",
+    isolated: bool = False,
+    on_finish: Callable[[Member], None] | None = None,
+) -> Member:
+    """A run ready for the loop: built (checks, data, models, the step), its folder held (rank
+    0: one run per folder), resumed (a fresh state or the newest checkpoint's), its Recorder
+    open (metrics.jsonl, progress, checkpoints). A refusal on the way puts back the Hydra files
+    the folder's checkpoints kept, releases the folder and raises. label, isolated, on_finish:
+    as Recorder's label and Member's fields."""
+    lock = contextlib.ExitStack()
+    try:
+        run = build_run(cfg, job_dir, ranks)
+        if ranks.main:
+            lock.enter_context(folder.hold(run.out_dir))
+        state, tally = resume(run)
+        recorder = Recorder(run, tally, stop, label)
+    except Exception:
+        if ranks.main:
+            folder.restore_hydra_files(run_folder(cfg, job_dir))
+        lock.close()
+        raise
+    return Member(job_dir, run, tally, recorder, lock, state, isolated, on_finish)
 
 
 def train_members(members: list[Member], runs_of: Callable, stop: StopFlag) -> None:
@@ -59,12 +78,11 @@ def train_members(members: list[Member], runs_of: Callable, stop: StopFlag) -> N
     members = [m for m in members if not m.ended]
     if not members:
         return
-    progress = None
-    if runs_of is not Plain:
-        cfg = members[0].run.cfg
+    runs, progress = runs_of(members), None
+    if runs.own_progress:
         end = max(m.run.cfg.train_iters for m in members)
-        progress = Progress(cfg.progress, end, members[0].tally.start)
-    loop(members, runs_of(members), stop, progress)
+        progress = Progress(members[0].run.cfg.progress, end, members[0].tally.start)
+    loop(members, runs, stop, progress)
 
 
 def train_groups(
@@ -98,22 +116,17 @@ def train_group(
         for cfg, job_dir in zip(cfgs, job_dirs):
             (job_dir / ERROR).unlink(missing_ok=True)
             stack.enter_context(_log_to(job_dir / "train.log"))
-            lock = stack.enter_context(contextlib.ExitStack())
             try:
-                run = build_run(cfg, job_dir, ONE)
-                lock.enter_context(folder.hold(run.out_dir))
-                state, tally = resume(run)
-                recorder = Recorder(run, tally, stop, label=job_dir.name)
-            except KNOWN_ERRORS as e:
-                folder.restore_hydra_files(run_folder(cfg, job_dir))  # as a single run does
+                m = start(
+                    cfg, job_dir, ONE, stop, label=job_dir.name, isolated=True, on_finish=on_finish
+                )
+            except KNOWN_ERRORS as e:  # this job fails alone
                 fail_job(job_dir, e)
-                lock.close()
                 continue
-            recorder.rng = checkpoint.rng_states()  # as this run left them (never drawn from)
-            stack.enter_context(recorder)
-            members.append(
-                Member(job_dir, run, tally, recorder, lock, state, True, on_finish=on_finish)
-            )
+            m.recorder.rng = checkpoint.rng_states()  # as this run left them (never drawn from)
+            stack.enter_context(m.lock)
+            stack.enter_context(m.recorder)
+            members.append(m)
         by_start: dict[int, list[Member]] = {}
         for m in members:
             by_start.setdefault(m.tally.start, []).append(m)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,7 +63,6 @@ class Member:
     state: dict | None  # the run's own state until the loop takes it
     isolated: bool = False  # a group's run: its errors fail it alone, as error.json
     on_finish: Callable[[Member], None] | None = None  # after its summary (plots, result line)
-    shapes: dict[str, torch.Size] = field(default_factory=dict)  # its meta-net's parameters
     summary: dict | None = None
     ended: bool = False  # finished or failed: its share is no longer recorded
 
@@ -94,7 +93,9 @@ class Member:
 
 class Plain:
     """A single run: its own state and its plain (not vmapped) step, so its arithmetic is the
-    step's own."""
+    step's own. Its Recorder shows the progress."""
+
+    own_progress = False  # the loop shows none of its own
 
     def __init__(self, members: list[Member]) -> None:
         (member,) = members
@@ -108,7 +109,7 @@ class Plain:
         """Per run, whether each metric is finite (one host sync for all)."""
         return [torch.isfinite(torch.stack(list(metrics.values()))).tolist()]
 
-    def own(self, state: dict, k: int, member: Member) -> dict:
+    def own(self, state: dict, k: int) -> dict:
         return state
 
     def metrics(self, metrics: dict, k: int) -> dict:
@@ -146,7 +147,7 @@ def loop(members: list[Member], runs, stop: StopFlag, progress: Progress | None)
                 if not m.live(it):
                     continue
                 bad = [] if finite is None else [n for n, ok in zip(metrics, finite[k]) if not ok]
-                own = lambda s, k=k, m=m: lambda: runs.own(s, k, m)  # noqa: E731
+                own = lambda s, k=k: lambda: runs.own(s, k)  # noqa: E731
                 try:
                     after_step(
                         m.run,

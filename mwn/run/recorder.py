@@ -68,12 +68,6 @@ def resume(run: Run) -> tuple[dict, Tally]:
     return ckpt["state"], tally
 
 
-def non_finite(metrics: dict) -> list[str]:
-    """The names of the metrics that are not finite (one host sync for all)."""
-    finite = torch.isfinite(torch.stack(list(metrics.values()))).tolist()
-    return [k for k, ok in zip(metrics, finite) if not ok]
-
-
 def non_finite_state(state: dict) -> list[str]:
     """The state's float tensors with a non-finite value, as group/name (one host sync)."""
     leaves = list(_float_leaves(state))
