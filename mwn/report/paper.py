@@ -7,11 +7,11 @@ MW-Net. And the same paper's flip-noise results: balanced CIFAR-10, ResNet32, 0 
 noise, for the base model (ERM) and MW-Net. The paper reports the test accuracy at the end of
 training (compare with a run's `final_test_acc`, not its best).
 
-Transcribed from REFERENCE.md (the project's shared reference notes); a test checks the two
-agree. Not used, on purpose: the community version of the original code (CIFAR-10 IF 50 / 100 /
-200: 80.43 / 75.92 / 68.89; 87.83 at 40 % uniform noise; a longer schedule) and the Betty
-paper's numbers (a since-fixed bug, and the best rather than the final accuracy) are other
-experiments than the paper's.
+A test checks these against a second, independent transcription of the paper's tables. Not
+used, on purpose: the community version of the original code (CIFAR-10 IF 50 / 100 / 200:
+80.43 / 75.92 / 68.89; 87.83 at 40 % uniform noise; a longer schedule) and the Betty paper's
+numbers (a since-fixed bug, and the best rather than the final accuracy) are other experiments
+than the paper's.
 
 `PUBLISHED` maps `(dataset, setting, method)` to the accuracy:
 - dataset: `"cifar10"` or `"cifar100"` (the `dataset.name` of the run);
