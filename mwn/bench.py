@@ -113,7 +113,7 @@ def setup(args: argparse.Namespace) -> dict:
     params, buffers = extract_state(model)
     if args.channels_last:
         params = channels_last(params)
-    state = init_state(params, buffers, extract_state(meta_net)[0], args.fp16)
+    state = init_state(params, buffers, extract_state(meta_net)[0], args.fp16, str(cfg.optimizer))
     state["class_weights"] = torch.ones(args.classes, device=device)  # class_balanced
     images = torch.randint(0, 256, (50_000, c, h, w), dtype=torch.uint8)
     labels = torch.randint(0, args.classes, (50_000,))

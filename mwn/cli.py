@@ -86,7 +86,8 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
             return f"{arg}: {key} was renamed; use {RENAMED[key]}"
         if arg.startswith("~") and not key.startswith("hydra"):
             return f"{arg}: a setting cannot be removed (every key is needed); set {key}=VALUE"
-        added = arg.startswith("+") and key not in GROUPS and not key.startswith("hydra")
+        free = key.startswith(("hydra", "model.args."))  # Hydra's own, a model's arguments
+        added = arg.startswith("+") and key not in GROUPS and not free
         if added and key not in schema_keys():  # Hydra would add a misspelt key with + or ++
             return f"{arg}: Key '{key}' not in 'Config' (+ and ++ add no new settings)"
         if sep and key in GROUPS and dirs is not None:

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from hydra.core.config_store import ConfigStore
@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from mwn.core.meta import META_GRADS
 from mwn.core.methods import METHODS
 from mwn.core.models import CLASSIFIERS, META_INITS, META_NETS
+from mwn.core.step import OPTIMIZERS
 from mwn.data.readers import READERS
 
 
@@ -49,6 +50,7 @@ Arch = Choice("Arch", [(v, v) for v in CLASSIFIERS])
 Device = Choice("Device", [(v, v) for v in ("auto", "cpu", "cuda", "mps")])
 Logger = Choice("Logger", [(v, v) for v in ("none", "tensorboard")])
 Progress = Choice("Progress", [(v, v) for v in ("auto", "bar", "log", "none")])
+Optimizer = Choice("Optimizer", [(v, v) for v in OPTIMIZERS])
 DatasetName = Choice("DatasetName", [(v, v) for v in READERS])
 
 
@@ -66,9 +68,14 @@ class DatasetConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Arch = MISSING  # a key of mwn.core.models.CLASSIFIERS (resnet, wrn)
-    depth: int = MISSING
-    width: int = MISSING  # channels of the first stage (x2 per later stage)
+    # a built-in classifier (conf/model/resnet32.yaml, ...):
+    arch: Optional[Arch] = None  # noqa: UP045  a key of mwn.core.models.CLASSIFIERS
+    depth: Optional[int] = None  # noqa: UP045
+    width: Optional[int] = None  # noqa: UP045  channels of the first stage (x2 per later stage)
+    # or any nn.Module (conf/model/resnet18.yaml, ...): an importable class or factory, called
+    # with `args` and num_classes=<the data's> when it takes that argument; it wins over arch
+    _target_: Optional[str] = None  # noqa: UP045
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -104,9 +111,12 @@ class Config:
     lr: float = MISSING
     lr_milestones: list[int] = MISSING
     lr_gamma: float = MISSING
+    optimizer: Optimizer = MISSING
     momentum: float = MISSING
     nesterov: bool = MISSING
     weight_decay: float = MISSING
+    adam_betas: list[float] = MISSING
+    adam_eps: float = MISSING
     meta_lr: float = MISSING
     meta_weight_decay: float = MISSING
     meta_net: MetaNetName = MISSING
@@ -170,7 +180,6 @@ POSITIVE_INTS = (
     "log_every",
     "eval_batch_size",
     "checkpoint_every",
-    "model.width",
     "meta_interval",
 )
 
@@ -244,6 +253,18 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     )
     need(all(m >= 1 for m in cfg.lr_milestones), "lr_milestones", "lists of iterations >= 1")
     need(not cfg.nesterov or cfg.momentum > 0, "nesterov", "false when momentum is 0")
+    need(
+        not cfg.nesterov or cfg.optimizer == "sgd",
+        "nesterov",
+        f"false with optimizer={cfg.optimizer} (Nesterov momentum is SGD's)",
+    )
+    betas = list(cfg.adam_betas)
+    need(
+        len(betas) == 2 and all(0 <= b < 1 for b in betas),
+        "adam_betas",
+        "two real numbers in [0, 1)",
+    )
+    need(0 < cfg.adam_eps < float("inf"), "adam_eps", "real numbers > 0")
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
     size = cfg.dataset.image_size
     need(size is None or size >= 1, "dataset.image_size", "null or integers >= 1")
@@ -252,14 +273,29 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
         "dataset.std",
         "null exactly when dataset.mean is null",
     )
-    arch = CLASSIFIERS[str(cfg.model.arch)]
-    need(
-        arch.depth_ok(cfg.model.depth),
-        "model.depth",
-        f"{arch.DEPTHS} for model.arch={cfg.model.arch}",
-    )
+    _check_model(cfg.model, need)
     if torchrun_world:
         _check_torchrun(cfg, torchrun_world, need)
+
+
+def _check_model(model: DictConfig, need) -> None:
+    """A built-in classifier's depth and width, or a `_target_` that names an importable path."""
+    target = model._target_
+    if target is not None:
+        need(
+            isinstance(target, str) and "." in target and " " not in target,
+            "model._target_",
+            "an importable dotted path (my_pkg.nets.MyNet, torchvision.models.resnet18)",
+        )
+        return
+    need(model.arch is not None, "model.arch", f"{' | '.join(CLASSIFIERS)} (or set model._target_)")
+    arch = CLASSIFIERS[str(model.arch)]
+    need(
+        model.depth is not None and arch.depth_ok(model.depth),
+        "model.depth",
+        f"{arch.DEPTHS} for model.arch={model.arch}",
+    )
+    need(model.width is not None and model.width >= 1, "model.width", "integers >= 1")
 
 
 def _check_torchrun(cfg: DictConfig, world: int, need) -> None:

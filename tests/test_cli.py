@@ -100,5 +100,6 @@ def test_multirun_long_form_and_a_user_config_folder(tmp_path):
     missing = run_cli("model=tiny", *FAST, cwd=tmp_path)  # without the folder: one line
     assert missing.returncode == 2
     assert missing.stderr.strip() == (
-        "mwn: error: model=tiny: allowed values are resnet32 | resnet8 | wrn28_10"
+        "mwn: error: model=tiny: allowed values are "
+        "resnet18 | resnet32 | resnet50 | resnet8 | vit_tiny | wrn28_10"
     )

@@ -6,6 +6,7 @@
     mwn.report   reading run folders back            -> report, and run.files (the vocabulary)
     mwn.config   the typed schema and checks         -> the registries of core and data
     mwn.cli      argv before Hydra                   -> config, run.ranks
+    mwn.api      the library                         -> core, api, config (its defaults)
 Every import of an mwn module counts, at any depth (a lazy import inside a function too).
 """
 
@@ -27,6 +28,7 @@ ALLOWED = {
     "mwn.config": ("mwn.core", "mwn.data"),
     "mwn.cli": ("mwn.config", "mwn.run.ranks"),
     "mwn.seeds": (),
+    "mwn.api": ("mwn.core", "mwn.api", "mwn.config"),
 }
 
 

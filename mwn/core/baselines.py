@@ -8,9 +8,10 @@ ERM (uniform weights), focal loss, class-balanced loss, and learning to reweight
   the batch mean of w_{y_i} CE_i. The weights are a constant of the run, kept in the state
   (`class_weights`), so that runs with other class counts can share one vectorised step.
 - L2RW (Ren et al. 2018): per iteration, the weights are u_i = -d L_meta(w'(eps)) / d eps_i at
-  eps = 0, where w'(eps) is the optimiser's step on sum_i eps_i L_i(w): u_i = a g . grad L_i(w)
-  with g = grad L_meta(w'(0)) and a the lookahead scale (lr, or lr (1 + momentum) with
-  Nesterov). The n dot products are one JVP, as in MWN's exact meta-gradient. Then
+  eps = 0, where w'(eps) is the optimiser's step on sum_i eps_i L_i(w):
+  u_i = (D g) . grad L_i(w) with g = grad L_meta(w'(0)) and D the lookahead scale (lr, or
+  lr (1 + momentum) with Nesterov; a diagonal for Adam(W)). The n dot products are one JVP, as
+  in MWN's exact meta-gradient. Then
   v = max(u, 0) / sum max(u, 0) (all zero when no u_i is positive) and a real step on
   sum_i v_i L_i. No meta-net is learned.
 """
@@ -21,7 +22,6 @@ import torch
 from torch import nn
 from torch.func import vjp
 
-from mwn.core.optim import sgd_lookahead_scale
 from mwn.core.step import StepHP, loss_dots, mean_loss, per_sample_loss
 from mwn.core.sums import LOCAL, Reduce, Sums, skip_if_overflow
 from mwn.core.types import Batch, Tensors
@@ -42,7 +42,7 @@ def erm_step(
 
 
 def loss_step(model, state, batch, lr, hp: StepHP, reduce: Reduce, transform) -> tuple[dict, dict]:
-    """One SGD step on the batch mean of transform(CE per sample, labels) (ERM: CE itself)."""
+    """One optimiser step on the batch mean of transform(CE per sample, labels) (ERM: CE itself)."""
     x, y = batch
     sums = hp.sums(state, reduce)
 
@@ -51,7 +51,7 @@ def loss_step(model, state, batch, lr, hp: StepHP, reduce: Reduce, transform) ->
         return transform(ce, y).mean(), (new_buffers, ce.detach())
 
     g, loss, (new_buffers, ce) = sums.grad_of_mean(mean_and_aux, state["params"], has_aux=True)
-    params, momentum = hp.sgd(state["params"], g, state["momentum"], lr)
+    params, momentum = hp.update(state["params"], g, state["momentum"], lr)
     new_state = {
         **state,
         "params": params,
@@ -120,13 +120,16 @@ def l2rw_scores(model, state, batch, meta_batch, lr, hp: StepHP, sums: Sums):
     )
     # w'(0): the optimiser's step with no loss gradient (momentum and weight decay still move w)
     zero = {k: torch.zeros_like(v) for k, v in params.items()}
-    ahead, _ = hp.sgd(params, zero, state["momentum"], lr)
+    ahead, _ = hp.update(params, zero, state["momentum"], lr)
+    a = hp.lookahead_scale(params, zero, state["momentum"], lr)
     g_meta, meta_loss = sums.grad_of_mean(
         lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead
     )
-    # (J g)_i = g . grad L_i(w) for all i in one JVP, as in MWN's exact meta-gradient
+    # (J D g)_i = (D g) . grad L_i(w) for all i in one JVP, as in MWN's exact meta-gradient
+    if isinstance(a, dict):  # Adam(W): a diagonal, into the tangent
+        g_meta, a = {k: a[k] * g for k, g in g_meta.items()}, 1.0
     jg, t = loss_dots(model, params, buffers, batch, g_meta, hp, sums)
-    u = jg * (sgd_lookahead_scale(lr, hp.momentum, hp.nesterov) / t)
+    u = jg * (a / t)
     return u, meta_loss, (losses, pullback, new_buffers)
 
 
@@ -151,7 +154,9 @@ def l2rw_step(
     total = reduce.sum_over_ranks(kept.sum())
     v = torch.where(total > 0, kept / total.clamp(min=torch.finfo(kept.dtype).tiny), 0.0)
     # the real step on sum_i v_i L_i = (1/n) sum_i (n v_i) L_i
-    params, momentum = hp.sgd(state["params"], sums.pull(pullback, v * n, n), state["momentum"], lr)
+    params, momentum = hp.update(
+        state["params"], sums.pull(pullback, v * n, n), state["momentum"], lr
+    )
     new_state = {
         **state,
         "params": params,

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from mwn.core.sums import sum_over_ranks
 
@@ -46,8 +47,9 @@ def jvp_rule() -> Iterator[None]:
         _JVP_RULE.reset(token)
 
 
-class BatchNorm2d(nn.BatchNorm2d):
-    """nn.BatchNorm2d with the autocast rule and, inside `jvp_rule()`, the forward-mode rule."""
+class _Rules:
+    """The autocast rule and, inside `jvp_rule()`, the forward-mode rule, over a torch BatchNorm
+    class (mixed in before it)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
@@ -61,14 +63,14 @@ class BatchNorm2d(nn.BatchNorm2d):
         if not self._updates_running_stats():
             return super().forward(x)
         small = x.numel() < JVP_RULE_MIN_SIZE
-        if torch.compiler.is_compiling() or small or not _JVP_RULE.get():
+        if x.dim() != 4 or torch.compiler.is_compiling() or small or not _JVP_RULE.get():
             return super().forward(x)
         self.num_batches_tracked.add_(1)
         args = (x, self.weight, self.bias, self.running_mean, self.running_var)
         return _TrainBatchNorm.apply(*args, self.momentum, self.eps)[0]
 
 
-class SyncBatchNorm2d(BatchNorm2d):
+class _SyncRules:
     """Training-mode statistics of the global batch: one sum over the ranks per pass (count,
     sum and sum of squares, each taken about the running mean, which is equal on every rank,
     so that E[d^2] - E[d]^2 does not cancel catastrophically). Differentiable in reverse and
@@ -77,35 +79,89 @@ class SyncBatchNorm2d(BatchNorm2d):
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         if not self._updates_running_stats():
             return super()._normalise(x)
-        shift = self.running_mean.view(1, -1, 1, 1)
-        d = x - shift
+        if self.running_mean is None or self.weight is None:
+            raise ValueError(
+                f"{type(self).__name__}: sync_bn needs running statistics and affine parameters"
+            )
+        per_channel = lambda t: t.view(1, -1, *[1] * (x.dim() - 2))
+        dims = (0, *range(2, x.dim()))
+        d = x - per_channel(self.running_mean)
         count = x.new_tensor([x.numel() / x.shape[1]])
-        local = [count, d.sum(dim=(0, 2, 3)), d.square().sum(dim=(0, 2, 3))]
+        local = [count, d.sum(dim=dims), d.square().sum(dim=dims)]
         sums = sum_over_ranks(torch.cat(local))
         n, c = sums[0].detach(), x.shape[1]
         mean_d, mean_d2 = sums[1 : 1 + c] / n, sums[1 + c :] / n
         mean = self.running_mean + mean_d
         var = mean_d2 - mean_d.square()  # biased, as BatchNorm normalises with
-        centred = x - mean.view(1, -1, 1, 1)
+        centred = x - per_channel(mean)
         with torch.no_grad():
             m = self.momentum
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
             self.num_batches_tracked.add_(1)
         scale = self.weight * torch.rsqrt(var + self.eps)
-        return centred * scale.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return centred * per_channel(scale) + per_channel(self.bias)
+
+
+class BatchNorm2d(_Rules, nn.BatchNorm2d):
+    """nn.BatchNorm2d with the autocast rule and, inside `jvp_rule()`, the forward-mode rule."""
+
+
+class BatchNorm1d(_Rules, nn.BatchNorm1d):
+    """nn.BatchNorm1d with the autocast rule."""
+
+
+class BatchNorm3d(_Rules, nn.BatchNorm3d):
+    """nn.BatchNorm3d with the autocast rule."""
+
+
+class BatchNorm(_Rules, _BatchNorm):
+    """Batch norm over any input of 2 or more dimensions (what nn.SyncBatchNorm becomes)."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {x.dim()}D input)")
+
+
+class SyncBatchNorm2d(_SyncRules, BatchNorm2d):
+    """BatchNorm2d with the global batch's statistics under torchrun (`_SyncRules`)."""
+
+
+class SyncBatchNorm1d(_SyncRules, BatchNorm1d):
+    """BatchNorm1d with the global batch's statistics under torchrun."""
+
+
+class SyncBatchNorm3d(_SyncRules, BatchNorm3d):
+    """BatchNorm3d with the global batch's statistics under torchrun."""
+
+
+class SyncBatchNorm(_SyncRules, BatchNorm):
+    """BatchNorm of any dimension with the global batch's statistics under torchrun."""
+
+
+# torch's batch norm -> ours (same parameters, buffers and attributes: an instance's class can
+# be swapped in place), and ours -> its synchronised twin
+OURS: dict[type, type] = {
+    nn.BatchNorm1d: BatchNorm1d,
+    nn.BatchNorm2d: BatchNorm2d,
+    nn.BatchNorm3d: BatchNorm3d,
+    nn.SyncBatchNorm: BatchNorm,
+}
+SYNCED: dict[type, type] = {
+    BatchNorm1d: SyncBatchNorm1d,
+    BatchNorm2d: SyncBatchNorm2d,
+    BatchNorm3d: SyncBatchNorm3d,
+    BatchNorm: SyncBatchNorm,
+}
 
 
 def synchronised(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose BatchNorm2d layers are SyncBatchNorm2d (same parameters and
+    """A copy of `model` whose batch norm layers are synchronised (same parameters and
     buffers); the model given is left as it is."""
     model = copy.deepcopy(model)
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is BatchNorm2d:
-                sync = SyncBatchNorm2d(child.num_features, child.eps, child.momentum)
-                sync.load_state_dict(child.state_dict())
-                setattr(module, name, sync.to(child.weight.device))
+    for module in model.modules():
+        if type(module) in SYNCED:
+            module.__class__ = SYNCED[type(module)]
     return model
 
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.func import vjp
 
-from mwn.core.optim import adam_step, sgd_lookahead_scale
+from mwn.core.optim import adam_step
 from mwn.core.step import (
     StepHP,
     loss_dots,
@@ -47,7 +47,9 @@ class MetaGrad(NamedTuple):
 
     meta_grad: Tensors  # d meta loss / d Theta through the lookahead
     meta_loss: torch.Tensor  # mean cross-entropy of the meta batch at the lookahead
-    ahead: tuple[Tensors, Tensors]  # lookahead parameters and momentum (the step without roll back)
+    ahead: tuple[
+        Tensors, dict
+    ]  # lookahead parameters, optimiser state (the step without roll back)
 
 
 def train_pass(model, meta_net, state: dict, batch: Batch, hp: StepHP, reduce: Reduce):
@@ -69,23 +71,27 @@ def train_pass(model, meta_net, state: dict, batch: Batch, hp: StepHP, reduce: R
 def jvp_meta_grad(
     model, meta_net, state, batch, meta_batch, lr, hp: StepHP, train: TrainPass, sums: Sums
 ) -> MetaGrad:
-    """The identity: w' = w - a * grad_w (1/n) sum_i v_i L_i(w) + (terms free of v), with a = lr
-    (lr * (1 + momentum) for Nesterov), so d L_meta(w') / d v_i = -(a/n) g . grad_w L_i(w) with
-    g = grad L_meta(w'). The n dot products are ONE forward-mode JVP of the loss vector along g:
-    no double backward. The chain rule through v(Theta) is the weights' small VJP."""
+    """The identity: w' = U(w, G) with G = grad_w (1/n) sum_i v_i L_i(w) the weighted gradient
+    and U the optimiser's step, so d L_meta(w') / d v_i = -(1/n) (D g) . grad_w L_i(w) with
+    g = grad L_meta(w') and D = -dU/dG: for SGD a number, lr (lr * (1 + momentum) for Nesterov);
+    for Adam(W) a diagonal, elementwise in G (mwn.core.optim.adam_lookahead_scale). The n dot
+    products are ONE forward-mode JVP of the loss vector along D g: no double backward. The
+    chain rule through v(Theta) is the weights' small VJP."""
     params, buffers = state["params"], state["buffers"]
     (_, y), (xm, ym) = batch, meta_batch
     n = y.shape[0] * sums.reduce.world  # the global batch size
     # lookahead w'(Theta): the real optimiser's step on the weighted loss
     g_train = sums.pull(train.pullback, train.weights, n)
-    ahead = hp.sgd(params, g_train, state["momentum"], lr)
+    ahead = hp.update(params, g_train, state["momentum"], lr)
     # g = grad of the meta loss at w' (BatchNorm in training mode; real running stats untouched)
     g_meta, meta_loss = sums.grad_of_mean(
         lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead[0]
     )
-    # (J g)_i = g . grad L_i(w) for all i in one JVP, then the VJP through v(Theta)
+    # (J D g)_i = (D g) . grad L_i(w) for all i in one JVP, then the VJP through v(Theta)
+    a = hp.lookahead_scale(params, g_train, state["momentum"], lr)
+    if isinstance(a, dict):  # Adam(W): the diagonal goes into the tangent
+        g_meta, a = {k: a[k] * g for k, g in g_meta.items()}, 1.0
     jg, t = loss_dots(model, params, buffers, batch, g_meta, hp, sums)
-    a = sgd_lookahead_scale(lr, hp.momentum, hp.nesterov)
     (meta_grad,) = train.weights_pullback(jg * (-a / n) / t)
     return MetaGrad(sums.total(meta_grad), meta_loss, ahead)
 
@@ -101,8 +107,13 @@ def double_backward_meta_grad(
     theta = {k: v.detach().requires_grad_() for k, v in state["meta_params"].items()}
     losses, _ = per_sample_loss(model, params, state["buffers"], x, y)
     weights = sample_weights(meta_net, theta, losses, y, run_constants(state), hp.normalize_weights)
-    grads = torch.autograd.grad((weights * losses).mean(), list(params.values()), create_graph=True)
-    ahead, momentum = hp.sgd(params, dict(zip(params, grads)), state["momentum"], lr)
+    grads = torch.autograd.grad(
+        (weights * losses).mean(),
+        list(params.values()),
+        create_graph=True,
+        materialize_grads=True,  # a parameter the batch does not reach: a zero gradient
+    )
+    ahead, momentum = hp.update(params, dict(zip(params, grads)), state["momentum"], lr)
     meta_loss = mean_loss(model, ahead, state["buffers"], xm, ym)
     g = torch.autograd.grad(meta_loss, list(theta.values()))
     detached = lambda d: {k: v.detach() for k, v in d.items()}
@@ -153,7 +164,7 @@ def mwn_step(
         weights = sample_weights(
             meta_net, meta_params, train.losses, y, constants, hp.normalize_weights, reduce
         )
-        params, momentum = hp.sgd(
+        params, momentum = hp.update(
             state["params"], sums.pull(train.pullback, weights, n), state["momentum"], lr
         )
     else:
@@ -198,7 +209,7 @@ def mwn_weighted_step(
     sums = hp.sums(state, reduce)
     train = train_pass(model, meta_net, state, batch, hp, reduce)
     g = sums.pull(train.pullback, train.weights, n)
-    params, momentum = hp.sgd(state["params"], g, state["momentum"], lr)
+    params, momentum = hp.update(state["params"], g, state["momentum"], lr)
     new_state = {
         **state,
         "params": params,

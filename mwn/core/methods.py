@@ -37,6 +37,11 @@ class Method:
     # counts (vectorised runs may differ in them: they travel in the stacked state)
     constants: Callable[[list[int], StepHP], Tensors] = _no_constants
 
+    @property
+    def has_constants(self) -> bool:
+        """Whether it puts run constants in the state (it needs the class counts)."""
+        return self.constants is not _no_constants
+
     def steps(self, meta_interval: int) -> list[StepFn]:
         """Its step; with meta_interval > 1 also the one between meta updates."""
         return [self.step] if meta_interval == 1 else [self.step, self.between]

@@ -3,7 +3,8 @@ the per-sample loss, the meta-net's weights, and the dot products of one JVP.
 
 State is a plain dict:
     params, buffers    classifier parameters and BatchNorm buffers   {name: tensor}
-    momentum           SGD momentum buffers, same keys as params
+    momentum           the classifier optimiser's state: SGD's momentum buffers (same keys as
+                       params), or Adam(W)'s {step, exp_avg, exp_avg_sq}
     meta_params        meta-net parameters                           {name: tensor}
     meta_opt           Adam state of the meta-net (step, exp_avg, exp_avg_sq)
     scaler             fp16 only: the dynamic loss scale (mwn.core.sums)
@@ -14,6 +15,7 @@ Nothing here reads a clock, a file or a global RNG, so one iteration can be vmap
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
 
@@ -21,9 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mwn.core.batchnorm import jvp_rule
-from mwn.core.optim import adam_init, sgd_init, sgd_step
+from mwn.core.optim import (
+    adam_init,
+    adam_lookahead_scale,
+    adam_step,
+    sgd_init,
+    sgd_lookahead_scale,
+    sgd_step,
+)
 from mwn.core.sums import LOCAL, Reduce, Sums, scaler_init
 from mwn.core.types import Batch, Tensors
 
@@ -42,9 +52,12 @@ class StepHP:
     """The hyperparameters of one iteration that stay fixed during a run. No defaults here: the
     composed config (conf/config.yaml) is their one source, through `from_config`."""
 
-    momentum: float
-    weight_decay: float
-    nesterov: bool
+    optimizer: str  # the classifier's: a key of OPTIMIZERS (sgd | adam | adamw)
+    momentum: float  # sgd
+    weight_decay: float  # sgd, adam: L2 in the gradient; adamw: decoupled
+    nesterov: bool  # sgd
+    adam_betas: tuple[float, float]  # adam, adamw
+    adam_eps: float  # adam, adamw
     meta_lr: float
     meta_weight_decay: float
     normalize_weights: bool  # weights * n / sum(weights), as the paper-era MWN scripts
@@ -58,7 +71,12 @@ class StepHP:
     @classmethod
     def from_config(cls, cfg) -> StepHP:
         """The fields of the same names in a composed config (names of a set as plain str)."""
-        value = lambda v: v.value if isinstance(v, Enum) else v
+
+        def value(v):
+            if isinstance(v, Enum):
+                return v.value
+            return tuple(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
+
         return cls(**{f.name: value(cfg[f.name]) for f in fields(cls)})
 
     @property
@@ -66,11 +84,25 @@ class StepHP:
         """The autocast dtype of the classifier's forward passes (None: fp32)."""
         return torch.float16 if self.fp16 else torch.bfloat16 if self.bf16 else None
 
-    def sgd(self, params: Tensors, grads: Tensors, momentum: Tensors, lr: float):
-        """The classifier's optimiser step (the real one and the lookahead are the same rule)."""
-        return sgd_step(
-            params, grads, momentum, lr, self.momentum, self.weight_decay, self.nesterov
-        )
+    def update(self, params: Tensors, grads: Tensors, opt_state, lr: float):
+        """The classifier's optimiser step -> (new params, new optimiser state); the real step
+        and the lookahead are the same rule."""
+        if self.optimizer == "sgd":
+            return sgd_step(
+                params, grads, opt_state, lr, self.momentum, self.weight_decay, self.nesterov
+            )
+        return adam_step(params, grads, opt_state, lr, *self._adam())
+
+    def lookahead_scale(self, params: Tensors, grads: Tensors, opt_state, lr: float):
+        """-d(new params)/d(gradient) of `update` at these gradients: a float for SGD (it does
+        not depend on them), one tensor per parameter (a diagonal) for Adam and AdamW."""
+        if self.optimizer == "sgd":
+            return sgd_lookahead_scale(lr, self.momentum, self.nesterov)
+        return adam_lookahead_scale(params, grads, opt_state, lr, *self._adam())
+
+    def _adam(self) -> tuple:
+        betas = tuple(self.adam_betas)
+        return betas, self.adam_eps, self.weight_decay, self.optimizer == "adamw"
 
     def sums(self, state: dict, reduce: Reduce) -> Sums:
         """The iteration's door for gradients and rank sums (mwn.core.sums): the state's loss
@@ -78,15 +110,28 @@ class StepHP:
         return Sums(state["scaler"]["scale"] if self.fp16 else 1.0, reduce)
 
 
-def init_state(params: Tensors, buffers: Tensors, meta_params: Tensors, fp16: bool = False) -> dict:
-    """The state at iteration 0: zero momentum, a fresh Adam state, the fp16 loss scale."""
+OPTIMIZERS = ("sgd", "adam", "adamw")  # torch.optim.SGD | Adam | AdamW, by their rules
+
+
+def init_state(
+    params: Tensors,
+    buffers: Tensors,
+    meta_params: Tensors | None,
+    fp16: bool = False,
+    optimizer: str = "sgd",
+) -> dict:
+    """The state at iteration 0: the classifier optimiser's fresh state (zero momentum, or
+    Adam's zero moments), a fresh Adam state of the meta-net (none without one: a method that
+    learns no meta-net), the fp16 loss scale."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r}: allowed values are {' | '.join(OPTIMIZERS)}")
     state = {
         "params": params,
         "buffers": buffers,
-        "momentum": sgd_init(params),
-        "meta_params": meta_params,
-        "meta_opt": adam_init(meta_params),
+        "momentum": sgd_init(params) if optimizer == "sgd" else adam_init(params),
     }
+    if meta_params is not None:
+        state.update(meta_params=meta_params, meta_opt=adam_init(meta_params))
     if fp16:
         state["scaler"] = scaler_init(device=next(iter(params.values())).device)
     return state
@@ -149,7 +194,9 @@ def loss_dots(model, params, buffers, batch: Batch, g: Tensors, hp: StepHP, sums
     JVP of the loss vector, times t (the factor `Sums.tangent` scaled g by; 1.0 in fp32)."""
     x, y = batch
     tangent, t = sums.tangent(g)
-    with jvp_rule():  # BatchNorm's cheaper forward-mode rule (mwn.core.batchnorm)
+    # BatchNorm's cheaper forward-mode rule (mwn.core.batchnorm); attention by its composite
+    # kernel (the fused CPU and flash kernels of scaled_dot_product_attention have no forward AD)
+    with jvp_rule(), sdpa_kernel(SDPBackend.MATH):
         _, jg = jvp(
             lambda p: per_sample_loss(model, p, buffers, x, y, hp.amp)[0], (params,), (tangent,)
         )

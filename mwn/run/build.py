@@ -17,13 +17,14 @@ from mwn import seeds
 from mwn.config import check_config, pick_device
 from mwn.core.batchnorm import synchronised
 from mwn.core.methods import METHODS, Method
-from mwn.core.models import build_classifier, build_meta_net, count_params, extract_state
+from mwn.core.models import build_meta_net, count_params, extract_state
 from mwn.core.step import StepHP, init_state
 from mwn.core.sums import LOCAL, AllReduce
 from mwn.data.batches import Sampler
 from mwn.data.build import Data, build_data
 from mwn.run.accel import channels_last, make_step
 from mwn.run.folder import check_resumable, run_folder
+from mwn.run.model import build_model, model_name
 from mwn.run.ranks import Ranks
 from mwn.seeds import Stream
 
@@ -68,10 +69,8 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
     data = build_data(cfg, device)
     cfg = resolve_schedule(cfg, len(data.train) // cfg.batch_size)
     seeds.seed_globals(cfg.seed)  # the initial weights (mwn.seeds)
-    m, method = cfg.model, METHODS[str(cfg.method)]
-    model = build_classifier(
-        str(m.arch), data.num_classes, data.train.x.shape[1], m.depth, m.width
-    ).to(device)
+    method = METHODS[str(cfg.method)]
+    model = build_model(cfg.model, data.num_classes, tuple(data.train.x.shape[1:])).to(device)
     meta_net = new_meta_net(cfg).to(device)
     hp = StepHP.from_config(cfg)
     # with sync_bn, the step's BatchNorm normalises with the global batch's statistics (its
@@ -83,10 +82,9 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
         for fn in method.steps(cfg.meta_interval)
     ]
     log.info(
-        "%s: %s-%d, %d parameters; meta-net %d parameters",
+        "%s: %s, %d parameters; meta-net %d parameters",
         cfg.method,
-        m.arch,
-        m.depth,
+        model_name(cfg.model),
         count_params(dict(model.named_parameters())),
         count_params(dict(meta_net.named_parameters())),
     )
@@ -178,7 +176,9 @@ def initial_state(run: Run) -> dict:
     params, buffers = extract_state(run.model)
     if run.cfg.channels_last:
         params = channels_last(params)
-    state = init_state(params, buffers, extract_state(run.meta_net)[0], run.cfg.fp16)
+    state = init_state(
+        params, buffers, extract_state(run.meta_net)[0], run.cfg.fp16, str(run.cfg.optimizer)
+    )
     constants = {
         **run.method.constants(run.data.counts, run.hp),
         **run.meta_net.constants(run.data.counts),

@@ -22,6 +22,7 @@ from mwn.run.build import Run, initial_state
 from mwn.run.evaluate import evaluate, noise_separation, shot_accuracy, weighting
 from mwn.run.files import METRICS, NOISE, NOISE_KEYS, SHOT_GROUPS, SUMMARY, WEIGHT_FN_LOSSES
 from mwn.run.folder import NonFinite
+from mwn.run.model import model_name
 from mwn.run.monitor import Progress, TensorBoard
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ def summarise(run: Run, state: dict, tally: Tally) -> dict:
     summary = {
         "dataset": data.name,
         "method": str(cfg.method),
-        "model": f"{cfg.model.arch}{cfg.model.depth}",
+        "model": model_name(cfg.model),
         "imbalance": cfg.imbalance,
         "train_per_class": cfg.train_per_class,
         "seed": cfg.seed,
