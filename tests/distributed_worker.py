@@ -71,6 +71,33 @@ def run(case: str, rows=slice(None), meta_rows=slice(None), reduce=LOCAL) -> lis
     return states
 
 
+def reweighter_run(rows=slice(None), meta_rows=slice(None), sync_bn: bool = False) -> list:
+    """torchvision's resnet18 through mwn.MetaReweighter (its BatchNorm adopted, synchronised
+    with sync_bn), float64, on the given rows of each global batch: the model's state_dict after
+    each iteration."""
+    import torchvision
+
+    import mwn
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=5).double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    meta_net = MetaNet(7).double()
+    meta_opt = torch.optim.Adam(meta_net.parameters(), lr=1e-2)
+    rw = mwn.MetaReweighter(model, opt, meta_net, meta_opt, sync_bn=sync_bn)
+    gen = torch.Generator().manual_seed(1)
+    data = lambda n: (
+        torch.randn(n, 3, 32, 32, generator=gen, dtype=torch.float64),
+        torch.randint(0, 5, (n,), generator=gen),
+    )
+    out = []
+    for _ in range(2):
+        (x, y), (xm, ym) = data(BATCH), data(META_BATCH)
+        rw.step(x[rows], y[rows], xm[meta_rows], ym[meta_rows])
+        out.append({k: v.clone() for k, v in model.state_dict().items()})
+    return out
+
+
 if __name__ == "__main__":
     ranks = ranks_from_env()
     with process_group(ranks):
@@ -78,4 +105,7 @@ if __name__ == "__main__":
         for case, (_, sync_bn, _) in CASES.items():
             reduce = AllReduce(ranks.world, sync_bn)
             out[case] = run(case, ranks.shard(BATCH), ranks.shard(META_BATCH), reduce)
+        for sync_bn in (True, False):
+            shards = ranks.shard(BATCH), ranks.shard(META_BATCH)
+            out[f"reweighter_sync_bn={sync_bn}"] = reweighter_run(*shards, sync_bn=sync_bn)
         torch.save(out, f"{sys.argv[1]}/rank{ranks.rank}.pt")

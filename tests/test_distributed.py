@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import BATCH, CASES, LR, make_case, run
+from distributed_worker import BATCH, CASES, LR, make_case, reweighter_run, run
 from torch.utils._pytree import tree_flatten
 
 from mwn.cli import check_ranks
@@ -108,6 +108,22 @@ def test_mwn_with_local_batchnorm_trains_and_differs_from_global_statistics(two_
         max(rel_err(local["state"]["params"][k], v) for k, v in synced["state"]["params"].items())
         > 1e-3
     )
+
+
+def test_the_reweighter_with_sync_bn_on_two_ranks_is_the_one_process_step_for_torchvision(
+    two_ranks,
+):
+    """torchvision's resnet18 in mwn.MetaReweighter(sync_bn=True) on two ranks: its own
+    BatchNorm, adopted and synchronised, gives the one-process step on the whole batch (float64,
+    two iterations); with sync_bn=False each rank normalises with its shard, a different model
+    (so the synchronisation is real, not left per process)."""
+    reference = reweighter_run()
+    for rank in two_ranks:
+        for got, want in zip(rank["reweighter_sync_bn=True"], reference, strict=True):
+            floats = {k: v for k, v in want.items() if v.is_floating_point()}
+            assert rel_err({k: got[k] for k in floats}, floats) < 1e-10
+    local, want = two_ranks[0]["reweighter_sync_bn=False"][-1], reference[-1]
+    assert rel_err(local["conv1.weight"], want["conv1.weight"]) > 1e-4
 
 
 def test_batch_sizes_must_split_evenly_over_the_processes(tmp_path):
