@@ -7,6 +7,13 @@ hyperparameters of the trainer's composed config (its defaults, or the overrides
     mwn_no_rollback  the same with rollback=false
     double_backward  MWN iteration whose meta-gradient is autodiff through the unrolled step
                      (create_graph=True), as the original MWN code computes it; rollback=true
+    mwn_adamw        the mwn variant with AdamW as the classifier's optimiser (its exact
+                     meta-gradient: a diagonal in the lookahead's JVP)
+    reweighter       the mwn variant through mwn.MetaReweighter: an nn.Module and torch.optim
+                     optimisers, the state gathered and written back in place every call
+    l2rw, focal, class_balanced  the paper's other baselines
+The classifier is the CIFAR ResNet of --depth and --width, or the config's model when the
+overrides name one (model=resnet18, model._target_=...).
 Rounds visit the variants in rotating order so that machine drift hits all alike; the report is
 the median milliseconds per iteration, its ratio to ERM, extra peak memory per iteration, and
 the time to draw one augmented batch from the device-resident dataset.
@@ -19,6 +26,7 @@ hydra/launcher=vmap, mwn.run.group: K states, K different batches, one vmapped s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -37,6 +45,7 @@ from mwn.data.batches import DeviceImages, Sampler
 from mwn.run.accel import channels_last, make_step
 from mwn.run.build import new_meta_net
 from mwn.run.group import PER_RUN_HP, group_state, meta_shapes, stack, vectorised
+from mwn.run.model import build_model, model_name
 from mwn.seeds import Stream, step_generator
 
 VARIANTS = (
@@ -44,6 +53,8 @@ VARIANTS = (
     "mwn",
     "mwn_no_rollback",
     "double_backward",
+    "mwn_adamw",
+    "reweighter",
     "l2rw",
     "focal",
     "class_balanced",
@@ -96,6 +107,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--runs {args.runs}: allowed values are run counts, e.g. 1,4,16")
     if any(k < 1 for k in args.runs):
         p.error(f"--runs {args.runs}: allowed values are >= 1")
+    if args.compile or args.cuda_graphs or args.channels_last:  # the wrapper runs eager, NCHW
+        args.variants = ",".join(v for v in args.variants.split(",") if v != "reweighter")
     if (args.fp16 or args.bf16) and "double_backward" in args.variants.split(","):
         args.variants = ",".join(v for v in args.variants.split(",") if v != "double_backward")
     return args
@@ -108,13 +121,20 @@ def setup(args: argparse.Namespace) -> dict:
     torch.manual_seed(0)
     c, h, w = (int(v) for v in args.shape.split(","))
     cfg = compose_config(args.overrides)
-    model = ResNet(args.classes, args.depth, args.width, in_channels=c).to(device)
+    if cfg.model._target_ is None:
+        model = ResNet(args.classes, args.depth, args.width, in_channels=c).to(device)
+    else:
+        model = build_model(cfg.model, args.classes, (c, h, w)).to(device)
     meta_net = new_meta_net(cfg).to(device)
     params, buffers = extract_state(model)
     if args.channels_last:
         params = channels_last(params)
     state = init_state(params, buffers, extract_state(meta_net)[0], args.fp16, str(cfg.optimizer))
     state["class_weights"] = torch.ones(args.classes, device=device)  # class_balanced
+    adamw_state = {
+        **state,
+        "momentum": init_state(params, buffers, None, optimizer="adamw")["momentum"],
+    }
     images = torch.randint(0, 256, (50_000, c, h, w), dtype=torch.uint8)
     labels = torch.randint(0, args.classes, (50_000,))
     data = DeviceImages(
@@ -135,37 +155,78 @@ def setup(args: argparse.Namespace) -> dict:
             METHODS["mwn"].step,
             replace(hp, rollback=True, meta_grad="double_backward"),
         ),
+        "mwn_adamw": (
+            METHODS["mwn"].step,
+            replace(hp, rollback=True, meta_grad="jvp", optimizer="adamw", nesterov=False),
+        ),
         "l2rw": (METHODS["l2rw"].step, hp),
         "focal": (METHODS["focal"].step, hp),
         "class_balanced": (METHODS["class_balanced"].step, hp),
     }
     lr, batch, meta_batch = 0.1, draw(0, args.batch_size), draw(1, args.meta_batch_size)
-    chosen = [n for n in specs if n in args.variants.split(",")]
+    chosen = [n for n in VARIANTS if n in args.variants.split(",")]
     calls = {  # name -> (step, its arguments)
         name: (
             make_step(
                 specs[name][0], model, meta_net, specs[name][1], args.compile, args.cuda_graphs
             ),
-            (state, batch, meta_batch, lr),
+            (adamw_state if name == "mwn_adamw" else state, batch, meta_batch, lr),
         )
         for name in chosen
+        if name != "reweighter"
     }
+    if "reweighter" in chosen:
+        calls["reweighter"] = reweighter_call(
+            model, meta_net, specs["mwn"][1], lr, batch, meta_batch
+        )
     for k in args.runs:  # K runs (the same initial state, different batches) in one step
         batches = stack([draw(2 + i, args.batch_size) for i in range(k)])
         meta_batches = stack([draw(2 + k + i, args.meta_batch_size) for i in range(k)])
         for name in chosen:
+            if name == "reweighter":  # one model, one loop: not vectorised
+                continue
             fn, shp = specs[name]
             hps = [{f: getattr(shp, f) for f in PER_RUN_HP}] * k
-            group = group_state([state] * k, hps, meta_shapes(meta_net))
+            one = adamw_state if name == "mwn_adamw" else state
+            group = group_state([one] * k, hps, meta_shapes(meta_net))
             step = make_step(vectorised(fn), model, meta_net, shp, args.compile, args.cuda_graphs)
             lrs = torch.full((k,), lr, device=device)
             calls[f"{name} x{k}"] = (step, (group, batches, meta_batches, lrs))
+    name = (
+        f"ResNet{args.depth} (width {args.width})"
+        if cfg.model._target_ is None
+        else model_name(cfg.model)
+    )
     return {
+        "model": name,
         "hp": {name: shp for name, (_, shp) in specs.items()},
         "device": device,
         "calls": calls,
         "draw": draw,
     }
+
+
+def reweighter_call(model, meta_net, hp: StepHP, lr: float, batch, meta_batch) -> tuple:
+    """mwn.MetaReweighter's step on copies of the model and meta-net, with torch.optim's SGD and
+    Adam set as `hp`: the same iteration as the mwn variant, through the stateful wrapper."""
+    from mwn.api.reweighter import MetaReweighter
+
+    model, meta_net = copy.deepcopy(model), copy.deepcopy(meta_net)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=lr,
+        momentum=hp.momentum,
+        weight_decay=hp.weight_decay,
+        nesterov=hp.nesterov,
+    )
+    meta_opt = torch.optim.Adam(
+        meta_net.parameters(), lr=hp.meta_lr, weight_decay=hp.meta_weight_decay
+    )
+    amp = "fp16" if hp.fp16 else "bf16" if hp.bf16 else None
+    rw = MetaReweighter(
+        model, opt, meta_net, meta_opt, normalize_weights=hp.normalize_weights, amp=amp
+    )
+    return rw.step, (*batch, *meta_batch)
 
 
 def sync(device: torch.device) -> None:
@@ -237,6 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
         },
+        "model": env["model"],
         "step_hp": {k: asdict(v) for k, v in env["hp"].items() if k in env["calls"]},
         "ms": med,
         "ms_all": times,
@@ -245,6 +307,9 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if "mwn" in med and "double_backward" in med:
         report["mwn_over_double_backward"] = med["mwn"] / med["double_backward"]
+    for name in ("mwn_adamw", "reweighter"):
+        if "mwn" in med and name in med:
+            report[f"{name}_over_mwn"] = med[name] / med["mwn"]
     if args.runs:  # per run, and K runs at once over K single runs (runs per second)
         report["groups"] = {
             name: {
@@ -276,7 +341,7 @@ def print_report(args: argparse.Namespace, report: dict) -> None:
         if on
     ]
     print(
-        f"ResNet{args.depth} (width {args.width}), batch {args.batch_size}, meta batch "
+        f"{report['model']}, batch {args.batch_size}, meta batch "
         f"{args.meta_batch_size}, {args.shape} input, {args.device} "
         f"{'+'.join(mode) or 'fp32 eager'}; median of {args.iters} interleaved rounds"
     )
@@ -298,6 +363,9 @@ def print_report(args: argparse.Namespace, report: dict) -> None:
             )
     if "mwn_over_double_backward" in report:
         print(f"mwn / double_backward: {report['mwn_over_double_backward']:.2f}")
+    for name in ("mwn_adamw", "reweighter"):
+        if f"{name}_over_mwn" in report:
+            print(f"{name} / mwn: {report[f'{name}_over_mwn']:.3f}")
     print(f"wrote {args.json}")
 
 

@@ -216,12 +216,12 @@ def pair(model_name, opt_name, seed=0, meta_lr=1e-2):
     return ref, rw
 
 
-def functional_meta_grad(rw, batch, meta_batch):
-    """The reweighter's meta-gradient: its gathered state and settings through the exact one."""
+def functional_meta_grad(rw, batch, meta_batch, method="jvp"):
+    """The reweighter's meta-gradient: its gathered state and settings through `method`."""
     state, hp = rw.gather(), rw.hyperparameters()
     lr = rw.optimizer.param_groups[0]["lr"]
     train = train_pass(rw.model, rw.meta_net, state, batch, hp, LOCAL)
-    out = META_GRADS["jvp"](
+    out = META_GRADS[method](
         rw.model, rw.meta_net, state, batch, meta_batch, lr, hp, train, hp.sums(state, LOCAL)
     )
     return out.meta_grad
@@ -313,6 +313,19 @@ def test_torchvision_resnet18_meta_gradient_and_iteration_equal_brute_force(opt_
     assert_same(ref, rw)
 
 
+@pytest.mark.parametrize("model_name", ["conv_batchnorm", "mlp_no_norm"])
+def test_the_double_backward_method_through_adamw_equals_brute_force(model_name):
+    """The reference method differentiates through the AdamW step itself, a parameter with a
+    zero gradient (zero moments: the square root's derivative at 0) included."""
+    ref, rw = pair(model_name, "adamw")
+    for batch, meta_batch in zip(batches(3), batches(3, seed=1)):
+        want = reference_meta_grad(ref[0], ref[1], ref[2], batch, meta_batch)
+        got = functional_meta_grad(rw, batch, meta_batch, "double_backward")
+        assert rel_err(got, want) < EXACT
+        reference_iteration(*ref, batch, meta_batch)
+        rw.step(*batch, *meta_batch)
+
+
 def test_the_comparison_sees_a_wrong_adam_diagonal(monkeypatch):
     """The SGD scale in place of Adam's diagonal (a plausible shortcut) is far off."""
     ref, rw = pair("conv_batchnorm", "adamw")
@@ -320,7 +333,9 @@ def test_the_comparison_sees_a_wrong_adam_diagonal(monkeypatch):
     want = reference_meta_grad(ref[0], ref[1], ref[2], batch, meta_batch)
     from mwn.core import step
 
-    monkeypatch.setattr(step.StepHP, "lookahead_scale", lambda self, p, g, s, lr: lr)
+    exact = step.StepHP.update_and_scale
+    shortcut = lambda self, p, g, s, lr: (*exact(self, p, g, s, lr)[:2], lr)
+    monkeypatch.setattr(step.StepHP, "update_and_scale", shortcut)
     assert rel_err(functional_meta_grad(rw, batch, meta_batch), want) > 1e-2
 
 

@@ -20,7 +20,7 @@ from mwn.core.meta import META_GRADS
 from mwn.core.methods import METHODS, step_at
 from mwn.core.models import MetaNet
 from mwn.core.optim import adam_init
-from mwn.core.step import StepHP
+from mwn.core.step import StepHP, per_sample_loss, sample_weights
 from mwn.core.sums import LOCAL, AllReduce, scaler_init
 
 AMPS = (None, "bf16", "fp16")
@@ -78,6 +78,11 @@ class MetaReweighter:
         self.method = METHODS[method]
         if meta_interval > 1 and self.method.between is None:
             raise SettingError(f"meta_interval={meta_interval}: method={method} takes 1")
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            raise SettingError(
+                "model: a DistributedDataParallel wrapper; pass model.module (the step sums "
+                "gradients over the ranks itself)"
+            )
         distributed = dist.is_available() and dist.is_initialized()
         if sync_bn and not distributed:
             raise SettingError("sync_bn=True: needs torch.distributed to be initialised")
@@ -228,8 +233,6 @@ class MetaReweighter:
     def weights(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The meta-net's weight of each sample of (x, y) at the current parameters (mean 1
         over the batch with normalize_weights), without changing anything."""
-        from mwn.core.step import per_sample_loss, sample_weights
-
         if self.meta_net is None:
             raise SettingError("weights: this method learns no meta-net")
         state = self.gather()

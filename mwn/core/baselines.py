@@ -120,8 +120,7 @@ def l2rw_scores(model, state, batch, meta_batch, lr, hp: StepHP, sums: Sums):
     )
     # w'(0): the optimiser's step with no loss gradient (momentum and weight decay still move w)
     zero = {k: torch.zeros_like(v) for k, v in params.items()}
-    ahead, _ = hp.update(params, zero, state["momentum"], lr)
-    a = hp.lookahead_scale(params, zero, state["momentum"], lr)
+    ahead, _, a = hp.update_and_scale(params, zero, state["momentum"], lr)
     g_meta, meta_loss = sums.grad_of_mean(
         lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead
     )

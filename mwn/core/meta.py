@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.func import vjp
+from torch.utils._pytree import tree_map
 
 from mwn.core.optim import adam_step
 from mwn.core.step import (
@@ -47,9 +48,8 @@ class MetaGrad(NamedTuple):
 
     meta_grad: Tensors  # d meta loss / d Theta through the lookahead
     meta_loss: torch.Tensor  # mean cross-entropy of the meta batch at the lookahead
-    ahead: tuple[
-        Tensors, dict
-    ]  # lookahead parameters, optimiser state (the step without roll back)
+    # lookahead parameters and optimiser state (the step without roll back)
+    ahead: tuple[Tensors, dict]
 
 
 def train_pass(model, meta_net, state: dict, batch: Batch, hp: StepHP, reduce: Reduce):
@@ -74,7 +74,7 @@ def jvp_meta_grad(
     """The identity: w' = U(w, G) with G = grad_w (1/n) sum_i v_i L_i(w) the weighted gradient
     and U the optimiser's step, so d L_meta(w') / d v_i = -(1/n) (D g) . grad_w L_i(w) with
     g = grad L_meta(w') and D = -dU/dG: for SGD a number, lr (lr * (1 + momentum) for Nesterov);
-    for Adam(W) a diagonal, elementwise in G (mwn.core.optim.adam_lookahead_scale). The n dot
+    for Adam(W) a diagonal, elementwise in G (mwn.core.optim.adam_step_and_scale). The n dot
     products are ONE forward-mode JVP of the loss vector along D g: no double backward. The
     chain rule through v(Theta) is the weights' small VJP."""
     params, buffers = state["params"], state["buffers"]
@@ -82,18 +82,17 @@ def jvp_meta_grad(
     n = y.shape[0] * sums.reduce.world  # the global batch size
     # lookahead w'(Theta): the real optimiser's step on the weighted loss
     g_train = sums.pull(train.pullback, train.weights, n)
-    ahead = hp.update(params, g_train, state["momentum"], lr)
+    *ahead, a = hp.update_and_scale(params, g_train, state["momentum"], lr)
     # g = grad of the meta loss at w' (BatchNorm in training mode; real running stats untouched)
     g_meta, meta_loss = sums.grad_of_mean(
         lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead[0]
     )
     # (J D g)_i = (D g) . grad L_i(w) for all i in one JVP, then the VJP through v(Theta)
-    a = hp.lookahead_scale(params, g_train, state["momentum"], lr)
     if isinstance(a, dict):  # Adam(W): the diagonal goes into the tangent
         g_meta, a = {k: a[k] * g for k, g in g_meta.items()}, 1.0
     jg, t = loss_dots(model, params, buffers, batch, g_meta, hp, sums)
     (meta_grad,) = train.weights_pullback(jg * (-a / n) / t)
-    return MetaGrad(sums.total(meta_grad), meta_loss, ahead)
+    return MetaGrad(sums.total(meta_grad), meta_loss, tuple(ahead))
 
 
 def double_backward_meta_grad(
@@ -113,11 +112,11 @@ def double_backward_meta_grad(
         create_graph=True,
         materialize_grads=True,  # a parameter the batch does not reach: a zero gradient
     )
-    ahead, momentum = hp.update(params, dict(zip(params, grads)), state["momentum"], lr)
+    ahead, momentum = hp.update(params, dict(zip(params, grads)), state["momentum"], lr, True)
     meta_loss = mean_loss(model, ahead, state["buffers"], xm, ym)
     g = torch.autograd.grad(meta_loss, list(theta.values()))
-    detached = lambda d: {k: v.detach() for k, v in d.items()}
-    return MetaGrad(dict(zip(theta, g)), meta_loss.detach(), (detached(ahead), detached(momentum)))
+    ahead = tree_map(torch.Tensor.detach, (ahead, momentum))
+    return MetaGrad(dict(zip(theta, g)), meta_loss.detach(), ahead)
 
 
 # name (the meta_grad setting) -> method(model, meta_net, state, batch, meta_batch, lr, hp,

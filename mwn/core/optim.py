@@ -67,22 +67,63 @@ def adam_step(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     decoupled: bool = False,
+    differentiable: bool = False,
 ) -> tuple[Tensors, dict]:
     """torch.optim.Adam (L2 weight decay added to the gradient), or torch.optim.AdamW with
-    `decoupled` (p * (1 - lr wd) before the update); bias-corrected moments, amsgrad off."""
+    `decoupled` (p * (1 - lr wd) before the update); bias-corrected moments, amsgrad off.
+    `differentiable`: a square root whose derivative at 0 is 0 (autodiff through the step,
+    where a zero gradient would otherwise give inf * 0); the same values."""
+    out = _adam(params, grads, state, lr, betas, eps, weight_decay, decoupled, differentiable)
+    return out[0], out[1]
+
+
+def adam_step_and_scale(
+    params: Tensors,
+    grads: Tensors,
+    state: dict,
+    lr: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled: bool = False,
+) -> tuple[Tensors, dict, Tensors]:
+    """`adam_step` and, from the same moments, -d(new params)/d(gradient) at these gradients:
+    elementwise, so a diagonal D. With m0, v0 the moments before the step, m, v after it,
+    s = sqrt(v / c2), q = s + eps:
+        D = (lr / c1) ((1 - b1) / q - m (1 - b2) g / (c2 s q^2))
+          = (lr / c1) ((1 - b1) eps + ((1 - b1) b2 v0 - (1 - b2) b1 m0 g) / (c2 s)) / q^2,
+    the second form free of the first's cancellation (at Adam's first step D is
+    (lr / c1) (1 - b1) eps / q^2 exactly, while the first form subtracts two numbers |g| / eps
+    times larger). Where v = 0 every gradient so far was 0, and the fraction is taken as 0: the
+    update is then (lr / c1) (1 - b1) g / (k |g| + eps), whose derivative at g = 0 is what
+    remains."""
+    return _adam(params, grads, state, lr, betas, eps, weight_decay, decoupled, False, True)
+
+
+def _adam(
+    params, grads, state, lr, betas, eps, weight_decay, decoupled, differentiable, scale=False
+):
     b1, b2 = betas
     t = state["step"] + 1
     c1, c2 = 1.0 - torch.pow(b1, t), 1.0 - torch.pow(b2, t)
-    new_params, m_new, v_new = {}, {}, {}
+    sqrt = sqrt0 if differentiable else torch.sqrt
+    new_params, m_new, v_new, diagonal = {}, {}, {}, {}
     for k, p in params.items():
         g = grads[k] if decoupled else decayed(grads[k], p, weight_decay)
-        if decoupled:
-            p = decayed_weights(p, lr, weight_decay)
-        m = b1 * state["exp_avg"][k] + (1.0 - b1) * g
-        v = b2 * state["exp_avg_sq"][k] + (1.0 - b2) * g * g
-        new_params[k] = p - (lr / c1) * m / (sqrt0(v / c2) + eps)
+        m0, v0 = state["exp_avg"][k], state["exp_avg_sq"][k]
+        m = b1 * m0 + (1.0 - b1) * g
+        v = b2 * v0 + (1.0 - b2) * g * g
+        root = sqrt(v / c2)
+        q = root + eps
+        w = decayed_weights(p, lr, weight_decay) if decoupled else p
+        new_params[k] = w - (lr / c1) * m / q
         m_new[k], v_new[k] = m, v
-    return new_params, {"step": t, "exp_avg": m_new, "exp_avg_sq": v_new}
+        if scale:
+            fraction = ((1.0 - b1) * b2 * v0 - (1.0 - b2) * b1 * m0 * g) / (c2 * root)
+            num = torch.where(root == 0, (1.0 - b1) * eps, fraction + (1.0 - b1) * eps)
+            diagonal[k] = (lr / c1) * num / (q * q)
+    new_state = {"step": t, "exp_avg": m_new, "exp_avg_sq": v_new}
+    return (new_params, new_state, diagonal) if scale else (new_params, new_state)
 
 
 def adam_lookahead_scale(
@@ -95,32 +136,8 @@ def adam_lookahead_scale(
     weight_decay: float = 0.0,
     decoupled: bool = False,
 ) -> Tensors:
-    """-d(new params)/d(gradient) of `adam_step` at these gradients: elementwise, so a diagonal
-    D. With m0, v0 the moments before the step, m, v after it, s = sqrt(v / c2), q = s + eps:
-        D = (lr / c1) ((1 - b1) / q - m (1 - b2) g / (c2 s q^2))
-          = (lr / c1) ((1 - b1) eps + ((1 - b1) b2 v0 - (1 - b2) b1 m0 g) / (c2 s)) / q^2,
-    the second form free of the first's cancellation (at Adam's first step D is
-    (lr / c1) (1 - b1) eps / q^2 exactly, while the first form subtracts two numbers |g| / eps
-    times larger). Where v = 0 every gradient so far was 0, and the fraction is taken as 0: the
-    update is then (lr / c1) (1 - b1) g / (k |g| + eps), whose derivative at g = 0 is what
-    remains."""
-    b1, b2 = betas
-    t = state["step"] + 1
-    c1, c2 = 1.0 - torch.pow(b1, t), 1.0 - torch.pow(b2, t)
-    scale = {}
-    for k, p in params.items():
-        g = grads[k] if decoupled else decayed(grads[k], p, weight_decay)
-        m0, v0 = state["exp_avg"][k], state["exp_avg_sq"][k]
-        v = b2 * v0 + (1.0 - b2) * g * g
-        s = sqrt0(v / c2)
-        q = s + eps
-        zero = s == 0
-        fraction = ((1.0 - b1) * b2 * v0 - (1.0 - b2) * b1 * m0 * g) / (
-            c2 * torch.where(zero, 1.0, s)
-        )
-        num = (1.0 - b1) * eps + torch.where(zero, 0.0, fraction)
-        scale[k] = (lr / c1) * num / (q * q)
-    return scale
+    """The diagonal D of `adam_step_and_scale` alone."""
+    return adam_step_and_scale(params, grads, state, lr, betas, eps, weight_decay, decoupled)[2]
 
 
 def decayed_weights(p: torch.Tensor, lr: float, weight_decay: float | torch.Tensor):

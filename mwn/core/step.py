@@ -28,8 +28,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from mwn.core.batchnorm import jvp_rule
 from mwn.core.optim import (
     adam_init,
-    adam_lookahead_scale,
     adam_step,
+    adam_step_and_scale,
     sgd_init,
     sgd_lookahead_scale,
     sgd_step,
@@ -84,21 +84,23 @@ class StepHP:
         """The autocast dtype of the classifier's forward passes (None: fp32)."""
         return torch.float16 if self.fp16 else torch.bfloat16 if self.bf16 else None
 
-    def update(self, params: Tensors, grads: Tensors, opt_state, lr: float):
+    def update(self, params: Tensors, grads: Tensors, opt_state, lr, differentiable=False):
         """The classifier's optimiser step -> (new params, new optimiser state); the real step
-        and the lookahead are the same rule."""
+        and the lookahead are the same rule (`differentiable`: autodiff will go through it)."""
         if self.optimizer == "sgd":
             return sgd_step(
                 params, grads, opt_state, lr, self.momentum, self.weight_decay, self.nesterov
             )
-        return adam_step(params, grads, opt_state, lr, *self._adam())
+        return adam_step(params, grads, opt_state, lr, *self._adam(), differentiable)
 
-    def lookahead_scale(self, params: Tensors, grads: Tensors, opt_state, lr: float):
-        """-d(new params)/d(gradient) of `update` at these gradients: a float for SGD (it does
-        not depend on them), one tensor per parameter (a diagonal) for Adam and AdamW."""
+    def update_and_scale(self, params: Tensors, grads: Tensors, opt_state, lr: float):
+        """`update` and -d(new params)/d(gradient) at these gradients: a float for SGD (it
+        does not depend on them), one tensor per parameter (a diagonal) for Adam and AdamW,
+        from the same moments -> (new params, new optimiser state, scale)."""
         if self.optimizer == "sgd":
-            return sgd_lookahead_scale(lr, self.momentum, self.nesterov)
-        return adam_lookahead_scale(params, grads, opt_state, lr, *self._adam())
+            new = self.update(params, grads, opt_state, lr)
+            return *new, sgd_lookahead_scale(lr, self.momentum, self.nesterov)
+        return adam_step_and_scale(params, grads, opt_state, lr, *self._adam())
 
     def _adam(self) -> tuple:
         betas = tuple(self.adam_betas)
