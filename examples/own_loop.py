@@ -20,11 +20,10 @@ train_idx = sorted(set(range(len(data))) - set(meta_idx))
 
 
 def batches(idx):  # shuffled batches of at most 100, forever
-    subset = torch.utils.data.Subset(data, idx)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(data, idx), min(100, len(idx)),
+                                         shuffle=True, drop_last=True)  # fmt: skip
     while True:
-        yield from torch.utils.data.DataLoader(
-            subset, min(100, len(idx)), shuffle=True, drop_last=True
-        )
+        yield from loader
 
 
 model = torchvision.models.resnet18(num_classes=len(data.classes))
@@ -32,9 +31,8 @@ optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_dec
 schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, [iterations // 2, iterations * 3 // 4])
 rw = mwn.MetaReweighter(model, optimizer, meta_net=mwn.MetaNet(100, init="flat"))
 
-for step, (x, y), (x_meta, y_meta) in zip(
-    range(1, iterations + 1), batches(train_idx), batches(meta_idx)
-):
+steps = zip(range(1, iterations + 1), batches(train_idx), batches(meta_idx))
+for step, (x, y), (x_meta, y_meta) in steps:
     metrics = rw.step(x, y, x_meta, y_meta)  # the exact meta-weighted step, in place
     schedule.step()
     if step % 100 == 0 or step == iterations:
