@@ -276,7 +276,8 @@ def optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
     return kind
 
 
-SETTINGS = ("lr", "momentum", "nesterov", "weight_decay", "betas", "eps")
+SETTINGS = ("lr", "momentum", "nesterov", "weight_decay", "betas", "eps", "dampening", "maximize")
+SETTINGS += ("amsgrad", "decoupled_weight_decay")
 
 
 def same_settings(optimizer: torch.optim.Optimizer, which: str) -> dict:
@@ -296,7 +297,9 @@ def same_settings(optimizer: torch.optim.Optimizer, which: str) -> dict:
 def same(a, b) -> bool:
     if isinstance(a, (tuple, list)):
         return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
-    return float(a) == float(b)
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):  # a tensor learning rate
+        return float(a) == float(b)
+    return a == b
 
 
 def parameter_names(module: nn.Module, optimizer: torch.optim.Optimizer, which: str) -> dict:
