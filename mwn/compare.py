@@ -26,7 +26,17 @@ NOT_COMPARED = {"wall_time_s"}  # summary.json fields that measure the clock
 def _records(path: Path) -> list:
     """The JSON records of a .jsonl file, or the one record of a .json file."""
     lines = path.read_text().splitlines() if path.suffix == ".jsonl" else [path.read_text()]
-    return [current_names(json.loads(line)) for line in lines]
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(current_names(json.loads(line)))
+        except ValueError:
+            raise BadFile(f"{path}: line {number} is not JSON (a garbled or cut file)") from None
+    return records
+
+
+class BadFile(ValueError):
+    """A run folder's file that cannot be read; the message names it and the line."""
 
 
 def _tensors_differ(a, b, where: str) -> list[str]:
@@ -82,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     for folder in (args.run_a, args.run_b):
         if not (folder / METRICS).is_file():
             p.error(f"{folder}: not a run folder (no metrics.jsonl)")
-    diff = differences(args.run_a, args.run_b)
+    try:
+        diff = differences(args.run_a, args.run_b)
+    except BadFile as e:
+        p.error(str(e))
     for line in diff:
         print(line)
     print(f"{args.run_a} and {args.run_b}: {'different' if diff else 'the same run'}")

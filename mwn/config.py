@@ -169,6 +169,8 @@ def compose_config(overrides: list[str] | None = None) -> DictConfig:
         return compose("config", overrides=list(overrides or []))
 
 
+MAX_INT = 10**9  # iterations, batch sizes, sizes: larger is a typo, not a plan
+
 POSITIVE_INTS = (
     "train_iters",
     "batch_size",
@@ -226,11 +228,22 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
         "0 with noise=none (choose noise=uniform | flip | flip2)",
     )
     for key in POSITIVE_INTS:
-        need(OmegaConf.select(cfg, key) >= 1, key, "integers >= 1")
+        need(1 <= OmegaConf.select(cfg, key) <= MAX_INT, key, "integers in [1, 10^9]")
+    finite = lambda v: v == v and abs(v) != float("inf")  # not NaN, not +-inf
     for key in ("lr", "meta_lr"):
-        need(OmegaConf.select(cfg, key) > 0, key, "real numbers > 0")
-    for key in ("weight_decay", "meta_weight_decay", "momentum"):
-        need(OmegaConf.select(cfg, key) >= 0, key, "real numbers >= 0")
+        v = OmegaConf.select(cfg, key)
+        need(finite(v) and v > 0, key, "finite real numbers > 0")
+    for key in ("weight_decay", "meta_weight_decay", "momentum", "focal_gamma"):
+        v = OmegaConf.select(cfg, key)
+        need(finite(v) and v >= 0, key, "finite real numbers >= 0")
+    for key in ("dataset.mean", "dataset.std"):
+        v = OmegaConf.select(cfg, key)
+        positive = key == "dataset.std"
+        need(
+            v is None or all(finite(x) and (x > 0 if positive else True) for x in v),
+            key,
+            "null or lists of finite real numbers" + (" > 0" if positive else ""),
+        )
     need(0 < cfg.lr_gamma <= 1, "lr_gamma", "real numbers in (0, 1]")
     need(cfg.epochs is None or cfg.epochs >= 1, "epochs", "null or integers >= 1")
     need(
@@ -243,7 +256,6 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
         "lr_epochs",
         "null or lists of epochs >= 1",
     )
-    need(cfg.focal_gamma >= 0, "focal_gamma", "real numbers >= 0")
     need(0 <= cfg.class_balanced_beta < 1, "class_balanced_beta", "real numbers in [0, 1)")
     between = [name for name, m in METHODS.items() if m.between is not None]
     need(

@@ -206,6 +206,26 @@ def test_flipped_bytes_in_a_checkpoint_are_caught_by_its_checksum(tmp_path):
     assert summary["iterations"] == 40  # resumed from checkpoint-20.pt
 
 
+def test_a_damaged_checksum_trailer_fails_closed_and_an_older_checkpoint_still_loads(tmp_path):
+    """One byte of the trailer's tag damaged: the file is corrupt (it used to load unverified,
+    so a second fault in its tensors went unnoticed); a checkpoint of the format before
+    checksums (torch.save's bytes alone) loads as before."""
+    payload = {"state": {"w": torch.arange(6.0)}, "iteration": 3}
+    path = checkpoint.save(tmp_path, 3, payload)
+    raw = bytearray(path.read_bytes())
+    good = bytes(raw)
+    raw[-33] ^= 0x01  # the tag's last byte
+    raw[len(raw) // 2] ^= 0x10  # and one in the data
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="no checksum trailer, and not an older checkpoint"):
+        checkpoint.read(path)
+    path.write_bytes(good[: -(len(checkpoint.TRAILER) + 32)])  # the older format
+    assert torch.equal(checkpoint.read(path)["state"]["w"], torch.arange(6.0))
+    path.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(CheckpointError, match="corrupt checkpoint"):
+        checkpoint.read(path)
+
+
 def test_a_truncated_metrics_file_is_refused_not_padded(tmp_path):
     train(make_cfg(*FAST), tmp_path)
     metrics = tmp_path / "metrics.jsonl"
@@ -213,6 +233,54 @@ def test_a_truncated_metrics_file_is_refused_not_padded(tmp_path):
     with pytest.raises(CheckpointError, match=r"metrics.jsonl: 50 bytes, but the checkpoint"):
         train(make_cfg(*FAST, "train_iters=40"), tmp_path)
     assert len(metrics.read_text()) == 50 and "\0" not in metrics.read_text()
+
+
+def test_a_checkpoint_of_another_run_with_another_log_every_is_refused(tmp_path):
+    """Same settings but log_every: its recorded length falls inside a line of this folder's
+    metrics.jsonl, or on other lines; the resume used to cut the file mid-line and exit 0."""
+    ours, theirs = tmp_path / "ours", tmp_path / "theirs"
+    train(make_cfg(*FAST), ours)
+    train(make_cfg(*FAST, "log_every=3"), theirs)
+    for old in checkpoint.checkpoints(ours):
+        old.unlink()
+    newest = checkpoint.checkpoints(theirs)[-1]  # iteration 20: a length inside our file
+    (ours / newest.name).write_bytes(newest.read_bytes())
+    before = (ours / "metrics.jsonl").read_bytes()
+    with pytest.raises(CheckpointError, match=r"are not the lines its checkpoint recorded"):
+        train(make_cfg(*FAST, "train_iters=40"), ours)
+    assert (ours / "metrics.jsonl").read_bytes() == before  # nothing cut
+
+
+def test_a_garbled_line_of_metrics_is_refused_by_a_resume_and_named_by_compare(tmp_path, capsys):
+    from mwn import compare
+
+    train(make_cfg(*FAST), tmp_path / "a")
+    train(make_cfg(*FAST), tmp_path / "b")
+    metrics = tmp_path / "a" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[1] = lines[1][:5] + "#" * (len(lines[1]) - 6) + "\n"  # same length, not JSON
+    metrics.write_text("".join(lines))
+    with pytest.raises(CheckpointError, match=r"are not the lines its checkpoint recorded"):
+        train(make_cfg(*FAST, "train_iters=40"), tmp_path / "a")
+    with pytest.raises(SystemExit) as out:
+        compare.main([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert out.value.code == 2
+    assert "metrics.jsonl: line 2 is not JSON" in capsys.readouterr().err
+
+
+def test_an_older_checkpoint_without_a_digest_still_checks_the_lines_it_keeps(tmp_path):
+    """A checkpoint written before the digest: whole JSON lines still required."""
+    train(make_cfg(*FAST), tmp_path)
+    newest = checkpoint.checkpoints(tmp_path)[0]
+    payload = checkpoint.read(newest)
+    del payload["metrics_sha256"]
+    checkpoint.save(tmp_path, payload["iteration"], payload)
+    metrics = tmp_path / "metrics.jsonl"
+    lines = metrics.read_text().splitlines(keepends=True)
+    lines[0] = "{" + "x" * (len(lines[0]) - 2) + "\n"
+    metrics.write_text("".join(lines))
+    with pytest.raises(CheckpointError, match=r"hold a garbled line 1"):
+        train(make_cfg(*FAST, "train_iters=40"), tmp_path)
 
 
 def test_a_second_run_in_a_held_folder_names_the_holder(tmp_path):

@@ -125,15 +125,24 @@ def save(folder: Path, iteration: int, payload: dict, keep: int = 2) -> Path:
     return path
 
 
+ZIP_END = b"PK\x05\x06"  # torch.save's zip archive ends with this record (22 bytes, no comment)
+
+
 def read(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A checkpoint's payload, its checksum verified (files written before checksums were
-    added load unverified); a mismatch raises CheckpointError."""
+    """A checkpoint's payload, its checksum verified; a mismatch raises CheckpointError. Fails
+    closed: a file without a valid trailer loads (unverified) only when it ends as a complete
+    torch.save archive does, a checkpoint written before checksums were added; anything else
+    (a damaged trailer, a truncated file) is corrupt."""
     raw = path.read_bytes()
     tail = len(TRAILER) + 32
     if raw[-tail:-32] == TRAILER:
         raw, digest = raw[:-tail], raw[-32:]
         if hashlib.sha256(raw).digest() != digest:
             raise CheckpointError(f"{path}: corrupt checkpoint (its checksum does not match)")
+    elif raw[-22:-18] != ZIP_END:
+        raise CheckpointError(
+            f"{path}: corrupt checkpoint (no checksum trailer, and not an older checkpoint)"
+        )
     return torch.load(io.BytesIO(raw), map_location=device, weights_only=True)
 
 

@@ -5,6 +5,7 @@ summary."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ class Tally:
     last_eval: dict | None = None  # the latest validation
     elapsed_s: float = 0.0  # wall time of the run before this process
     metrics_bytes: int = 0  # the length of metrics.jsonl at the checkpoint
+    metrics_sha256: str | None = None  # and the SHA-256 of those bytes (None: older checkpoints)
 
 
 def resume(run: Run) -> tuple[dict, Tally]:
@@ -64,7 +66,12 @@ def resume(run: Run) -> tuple[dict, Tally]:
             run.ranks.world,
         )
     tally = Tally(
-        ckpt["iteration"], ckpt["best"], ckpt["last_eval"], ckpt["elapsed_s"], ckpt["metrics_bytes"]
+        ckpt["iteration"],
+        ckpt["best"],
+        ckpt["last_eval"],
+        ckpt["elapsed_s"],
+        ckpt["metrics_bytes"],
+        ckpt.get("metrics_sha256"),
     )
     return ckpt["state"], tally
 
@@ -130,6 +137,38 @@ class StopFlag:
             signal.signal(sig, old)
 
 
+def kept_lines(path: Path, tally: Tally):
+    """The running SHA-256 of the first `tally.metrics_bytes` bytes of metrics.jsonl, which a
+    resume keeps, once they are shown to be the checkpoint's own: their digest when the
+    checkpoint recorded one, and in any case whole lines, each a JSON object, ending on a line
+    boundary. A checkpoint copied from another run, or an edited or garbled file, is refused."""
+    if tally.metrics_bytes == 0:
+        return hashlib.sha256()
+    with open(path, "rb") as f:
+        kept = f.read(tally.metrics_bytes)
+    digest = hashlib.sha256(kept)
+    why = None
+    if tally.metrics_sha256 is not None and digest.hexdigest() != tally.metrics_sha256:
+        why = "are not the lines its checkpoint recorded (a checkpoint of another run, or an edit)"
+    elif kept and not kept.endswith(b"\n"):
+        why = "end inside a line (a checkpoint of another run)"
+    else:
+        for number, line in enumerate(kept.splitlines(), 1):
+            try:
+                ok = isinstance(json.loads(line), dict)
+            except ValueError:
+                ok = False
+            if not ok:
+                why = f"hold a garbled line {number}"
+                break
+    if why:
+        raise checkpoint.CheckpointError(
+            f"{path}: its first {tally.metrics_bytes} bytes, which the resume keeps, {why}; "
+            "restore the run's own metrics.jsonl, or start a new run in another folder"
+        )
+    return digest
+
+
 class Recorder:
     """The loop's side effects: metrics.jsonl, progress, TensorBoard, checkpoints, and SIGTERM /
     SIGINT (which only set `stop.raised`, checked once per iteration). Rank 0 records; on the
@@ -140,6 +179,7 @@ class Recorder:
 
     def __init__(self, run: Run, tally: Tally, stop: StopFlag, label: str = "") -> None:
         self.run, self.active, self.label = run, run.ranks.main, label
+        self.digest = hashlib.sha256()  # of metrics.jsonl as written so far
         self.t_start = time.perf_counter()
         self.stop = stop
         start, cfg = tally.start, run.cfg
@@ -159,6 +199,7 @@ class Recorder:
                     f"{path}: {size} bytes, but the checkpoint recorded {tally.metrics_bytes}: "
                     "metrics.jsonl was truncated or removed; restore it, or start a new run"
                 )
+            self.digest = kept_lines(path, tally)
             if cfg.noise != "none":
                 (run.out_dir / NOISE).write_text(json.dumps(run.data.noise) + "\n")
             with open(path, "ab") as f:  # drop lines written after the checkpoint
@@ -179,7 +220,9 @@ class Recorder:
     def log(self, done: int, record: dict | None) -> None:
         """After iteration `done`: a metrics.jsonl line, if any, and the progress display."""
         if record is not None:
-            self.metrics.write((json.dumps(record) + "\n").encode())
+            line = (json.dumps(record) + "\n").encode()
+            self.metrics.write(line)
+            self.digest.update(line)
             if self.board is not None:
                 self.board.write(record)
         self.progress.update(done, record)
@@ -220,6 +263,7 @@ class Recorder:
             "best": tally.best,
             "last_eval": tally.last_eval,
             "metrics_bytes": self.metrics.tell(),
+            "metrics_sha256": self.digest.hexdigest(),
             "config": self.run.settings,
             "elapsed_s": self.elapsed_s(tally),
             "rng": self.rng or checkpoint.rng_states(),
