@@ -196,6 +196,23 @@ def schema_keys(node: type = Config, prefix: str = "") -> set[str]:
     return keys
 
 
+# a schedule in epochs sets these (mwn.run.build.resolve_schedule): given too, they would be lost
+SET_BY_EPOCHS = {"train_iters": "epochs", "lr_milestones": "lr_epochs"}
+
+
+def check_schedule_overrides(cfg: DictConfig, overrides: list[str]) -> None:
+    """Refuse a setting typed on the command line that an epoch schedule would override (the
+    epochs may come from the command line or from an experiment config)."""
+    typed = {o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o}
+    for key, by in SET_BY_EPOCHS.items():
+        if key in typed and cfg[by] is not None:
+            value = OmegaConf.to_container(cfg, resolve=True)[key]
+            raise ConfigError(
+                f"{key}={value}: not read while {by}={OmegaConf.to_container(cfg)[by]} is set "
+                f"(by the command line or an experiment config); add {by}=null to give {key}"
+            )
+
+
 def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     """Raise ConfigError naming the first setting whose value is not allowed (under torchrun
     with that many processes, when given). Names in a set are checked by the schema's enums;

@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from mwn.cli import QUIET_RANK, check_command_line, check_ranks
-from mwn.config import CONF_DIR, register_schema
+from mwn.config import CONF_DIR, check_schedule_overrides, register_schema
 from mwn.report import plot_run_or_note
 from mwn.run.files import ERROR
 from mwn.run.folder import KNOWN_ERRORS, NonFinite, Preempted, exit_code, fail_job, run_folder
@@ -42,6 +42,7 @@ def main(cfg: DictConfig) -> float | None:
     if ranks.main:
         error_file.unlink(missing_ok=True)
     try:
+        check_schedule_overrides(cfg, list(HydraConfig.get().overrides.task))
         with process_group(ranks):
             summary = train(cfg, out_dir, ranks)
     except Preempted as e:  # stop: a run or a whole sweep, resumable

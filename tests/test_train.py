@@ -338,3 +338,21 @@ def test_a_bad_value_stops_the_run_before_hydra_writes_its_folder(tmp_path):
         "mwn: error: imbalance=0.5: allowed values are real numbers >= 1"
     )
     assert not (tmp_path / "run").exists()  # no .hydra/config.yaml recording the bad value
+
+
+def test_a_schedule_in_epochs_and_one_in_iterations_are_refused_together(tmp_path):
+    """epochs (typed, or from an experiment config) would silently override train_iters; a
+    finished run's refusal names epochs, the setting the user gave, not the iterations."""
+    both = run_cli("epochs=2", "train_iters=100", "progress=none", cwd=tmp_path)
+    assert both.returncode == 2
+    assert both.stderr.strip() == (
+        "mwn: error: train_iters=100: not read while epochs=2 is set (by the command line or "
+        "an experiment config); add epochs=null to give train_iters"
+    )
+    experiment = run_cli("+experiment=long_tail_cifar10", "lr_milestones=[50]", cwd=tmp_path)
+    assert "lr_milestones=[50]: not read while lr_epochs=[80, 90] is set" in experiment.stderr
+    done = run_cli("epochs=2", "progress=none", "hydra.run.dir=run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shorter = run_cli("epochs=1", "progress=none", "hydra.run.dir=run", cwd=tmp_path)
+    assert shorter.returncode == 2
+    assert "epochs=1: the run in" in shorter.stderr and "allowed values are >= 2" in shorter.stderr

@@ -34,6 +34,7 @@ class VmapLauncher(Launcher):
         self.config, self.hydra_context = config, hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
+        from mwn.config import ConfigError, check_schedule_overrides
         from mwn.run.folder import Preempted, exit_code
         from mwn.run.launch import train_groups
         from mwn.train import finished_job
@@ -61,6 +62,12 @@ class VmapLauncher(Launcher):
                     configure_logging=False,
                 )
             )
+        for job in jobs:  # what each job's command line typed, against its composed config
+            try:
+                check_schedule_overrides(job.cfg, list(job.overrides))
+            except ConfigError as e:
+                print(f"mwn: error: {e}", file=sys.stderr)
+                sys.exit(2)
         try:
             summaries = train_groups(
                 [job.cfg for job in jobs],

@@ -53,9 +53,16 @@ def resume(run: Run) -> tuple[dict, Tally]:
         return initial_state(run), Tally()
     checkpoint.check_same_settings(ckpt["config"], run.settings, ckpt["path"])
     if ckpt["iteration"] > run.cfg.train_iters:
+        done, cfg = ckpt["iteration"], run.cfg
+        if cfg.epochs is not None:  # name what the user gave, not the iterations it became
+            per_epoch = cfg.train_iters // cfg.epochs
+            raise ConfigError(
+                f"epochs={cfg.epochs}: the run in {run.out_dir} has done {done} iterations "
+                f"({per_epoch} per epoch); allowed values are >= {-(-done // per_epoch)}"
+            )
         raise ConfigError(
-            f"train_iters={run.cfg.train_iters}: the run in {run.out_dir} has done "
-            f"{ckpt['iteration']} iterations; allowed values are >= {ckpt['iteration']}"
+            f"train_iters={cfg.train_iters}: the run in {run.out_dir} has done "
+            f"{done} iterations; allowed values are >= {done}"
         )
     checkpoint.set_rng_states(ckpt["rng"])
     log.info("resuming from %s at iteration %d", ckpt["path"], ckpt["iteration"])
