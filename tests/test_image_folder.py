@@ -207,6 +207,29 @@ def test_corrupt_cache_is_ignored_with_a_warning_and_rebuilt(
     assert not list((root / ".mwn-cache").glob(".*tmp"))  # no temporary file left behind
 
 
+def test_a_damaged_cache_is_caught_by_its_checksum_and_rebuilt_readable_by_others(
+    tmp_path, no_user_cache, caplog
+):
+    """Pixel bytes overwritten inside the cache file (torch.load still reads it): its digest
+    no longer matches, so it is rebuilt from the images instead of trusted; cache files are
+    readable by other users of a shared data folder (mode 0644 under the usual umask)."""
+    root = tmp_path / "damaged"
+    make_rgb_folder(root, {"a": (6, 2), "b": (6, 2)}, shape=(32, 32))  # pixels fill the file
+    first = load_image_folder(root, progress=False)
+    (cache,) = cache_files(root)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert cache.stat().st_mode & 0o777 == 0o666 & ~umask
+    raw = bytearray(cache.read_bytes())
+    middle = len(raw) // 2
+    raw[middle : middle + 300] = bytes(300)  # zeros in the middle of the pixel data
+    cache.write_bytes(bytes(raw))
+    with caplog.at_level(logging.WARNING, logger="mwn.data.image_folder"):
+        again = load_image_folder(root, progress=False)
+    assert "damaged cache (its checksum does not match), rebuilding" in caplog.text
+    assert torch.equal(again.train_x, first.train_x)
+
+
 def test_cache_goes_to_the_user_folder_when_root_is_not_writable(
     tmp_path, no_user_cache, no_decode, caplog
 ):
