@@ -100,7 +100,8 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
                 f"{arg}: a launcher runs the jobs of a sweep; add -m (python -m mwn.train -m "
                 "...), or leave it out for a single run"
             )
-        if sep and key == "hydra/launcher" and (problem := _launcher_missing(value)):
+        own = {p.stem for d in dirs or [] for p in (d / "hydra" / "launcher").glob("*.yaml")}
+        if sep and key == "hydra/launcher" and (problem := _launcher_missing(value, own)):
             return f"{key}={value}: {problem}"
         if sep and key == "hydra.launcher.max_runs":
             for v in value.split(","):
@@ -196,12 +197,16 @@ LAUNCHER_PLUGINS = {  # launcher option: (module, package, extra)
 }
 
 
-def _launcher_missing(option: str) -> str | None:
-    """Why a Hydra launcher option cannot be used here (its plugin is not installed), or None."""
+def _launcher_missing(option: str, own: set[str] = frozenset()) -> str | None:
+    """Why a Hydra launcher option cannot be used here (unknown, or its plugin not installed),
+    or None; `own`: the launcher configs of the config folders in use."""
     import importlib.util
 
     if option not in LAUNCHER_PLUGINS:
-        return None  # Hydra names the options it knows
+        known = ("basic", *sorted({"vmap", *own} - set(LAUNCHER_PLUGINS)), *LAUNCHER_PLUGINS)
+        if option in known:
+            return None
+        return f"allowed values are {' | '.join(known)}"
     module, package, extra = LAUNCHER_PLUGINS[option]
     try:
         found = importlib.util.find_spec(module) is not None

@@ -58,6 +58,16 @@ def test_a_bad_flag_value_is_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_an_unknown_launcher_is_refused_in_one_line_naming_the_allowed_ones(tmp_path):
+    r = run_cli("-m", "hydra/launcher=nope", "seed=1", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "mwn: error: hydra/launcher=nope: allowed values are "
+        "basic | vmap | joblib | submitit_local | submitit_slurm | slurm"
+    )
+    assert not (tmp_path / "multirun").exists()
+
+
 def test_a_launcher_without_multirun_is_refused_in_one_line(tmp_path):
     r = run_cli("hydra/launcher=vmap", *FAST, cwd=tmp_path)
     assert r.returncode == 2
