@@ -10,19 +10,25 @@ vectorised group and its folder), mwn.report (reading run folders back), mwn.api
 Entry points: python -m mwn.train | report | compare | bench.
 """
 
-from mwn.api import (
-    LayerError,
-    MetaReweighter,
-    SettingError,
-    adopt,
-    hyperparams,
-    init_state,
-    step_fn,
-)
-from mwn.core.methods import METHODS
-from mwn.core.models import MetaNet
-from mwn.core.step import StepHP
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
+# name -> the module that defines it; imported on first use, so that `python -m mwn.train`,
+# `mwn.report` and `mwn.compare` start without importing the library's parts they do not use
+_EXPORTS = {
+    "LayerError": "mwn.core.adopt",
+    "METHODS": "mwn.core.methods",
+    "MetaNet": "mwn.core.models",
+    "MetaReweighter": "mwn.api.reweighter",
+    "SettingError": "mwn.api.reweighter",
+    "StepHP": "mwn.core.step",
+    "adopt": "mwn.core.adopt",
+    "hyperparams": "mwn.api.functional",
+    "init_state": "mwn.api.functional",
+    "step_fn": "mwn.api.functional",
+}
 __all__ = [
     "METHODS",
     "LayerError",
@@ -35,3 +41,23 @@ __all__ = [
     "init_state",
     "step_fn",
 ]
+
+if TYPE_CHECKING:
+    from mwn.api.functional import hyperparams, init_state, step_fn
+    from mwn.api.reweighter import MetaReweighter, SettingError
+    from mwn.core.adopt import LayerError, adopt
+    from mwn.core.methods import METHODS
+    from mwn.core.models import MetaNet
+    from mwn.core.step import StepHP
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mwn' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -10,8 +10,29 @@ rank trains on its shard of each global batch and rank 0 alone validates and wri
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
+
+
+def _ctrl_c(signum, frame) -> None:
+    """SIGINT outside the training loop (which takes the signal itself, and checkpoints): exit
+    at once, in one line; after a run's result line the run is done and the exit is 0. (A
+    KeyboardInterrupt raised in the middle of the imports would leave modules half built and end
+    in some unrelated error or traceback.)"""
+    done = getattr(sys.modules.get("mwn.train"), "FINISHED", None)
+    if not done:
+        print(
+            "mwn: stopped by SIGINT outside training; rerun the same command to continue",
+            file=sys.stderr,
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0 if done else 130)
+
+
+if __name__ == "__main__":  # from the first line on, before the slow imports below
+    signal.signal(signal.SIGINT, _ctrl_c)
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -31,6 +52,9 @@ from mwn.run.recorder import result_line
 __all__ = ["main", "train"]
 
 register_schema()
+
+
+FINISHED: list[Path] = []  # the runs of this process that printed their result line
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
@@ -61,6 +85,7 @@ def main(cfg: DictConfig) -> float | None:
         return None
     plot_run_or_note(run_folder(cfg, out_dir))
     print(result_line(summary), flush=True)
+    FINISHED.append(out_dir)  # a Ctrl-C from here on does not undo the run
     return summary["final_test_acc"]
 
 

@@ -94,6 +94,27 @@ def test_sigterm_and_ctrl_c_write_a_checkpoint_and_exit_cleanly(reference, tmp_p
 FAST = ["train_iters=30", "val_every=10", "log_every=5", "model.width=4", "checkpoint_every=10"]
 
 
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
+    """Before the training loop holds the signal (imports, config, data): no traceback."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mwn.train", *ARGS, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(0.5)  # inside the imports
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "mwn: stopped by SIGINT outside training; rerun the same command to continue"
+    )
+
+
 def test_a_corrupt_checkpoint_is_an_error_unless_fallback_is_asked(tmp_path):
     train(make_cfg(*FAST), tmp_path)
     metrics = (tmp_path / "metrics.jsonl").read_text()

@@ -245,7 +245,7 @@ def after_step(
     if then.checkpoint or stopping:
         path = recorder.checkpoint(done, state(), tally)
         recorder.note(f"checkpoint {path.name}")
-        if stopping:
+        if stopping and done < run.cfg.train_iters:  # at the last iteration: it has finished
             raise Preempted(
                 f"stopped by {recorder.stop.raised or 'SIGTERM'} at iteration {done}; "
                 f"checkpoint {path}; "
