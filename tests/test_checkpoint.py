@@ -304,6 +304,16 @@ def test_an_older_checkpoint_without_a_digest_still_checks_the_lines_it_keeps(tm
         train(make_cfg(*FAST, "train_iters=40"), tmp_path)
 
 
+def test_a_killed_checkpoint_writes_temporary_file_is_removed_by_the_next_run(tmp_path):
+    """Under another checkpoint_every the same iteration is never written again, so the next
+    run that holds the folder removes what a killed write left."""
+    train(make_cfg(*FAST), tmp_path)
+    stale = tmp_path / ".checkpoint-25.pt.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(make_cfg(*FAST, "train_iters=40", "checkpoint_every=20"), tmp_path)
+    assert not stale.exists()
+
+
 def test_a_second_run_in_a_held_folder_names_the_holder(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     busy = rf"another run \(PID {os.getpid()}\) is training in this folder"

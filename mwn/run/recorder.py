@@ -204,9 +204,13 @@ class Recorder:
             if size < tally.metrics_bytes:  # the resume would pad it with NUL bytes
                 raise checkpoint.CheckpointError(
                     f"{path}: {size} bytes, but the checkpoint recorded {tally.metrics_bytes}: "
-                    "metrics.jsonl was truncated or removed; restore it, or start a new run"
+                    "metrics.jsonl was truncated or removed; restore it, resume from an older "
+                    "checkpoint it still covers (move the newer ones out of the folder), or start "
+                    "a new run"
                 )
             self.digest = kept_lines(path, tally)
+            for stale in run.out_dir.glob(".checkpoint-*.pt.tmp"):  # a killed write's; the
+                stale.unlink(missing_ok=True)  # folder is held, so no write is under way
             if cfg.noise != "none":
                 (run.out_dir / NOISE).write_text(json.dumps(run.data.noise) + "\n")
             with open(path, "ab") as f:  # drop lines written after the checkpoint
@@ -263,7 +267,8 @@ class Recorder:
         # a refused attempt at this folder while the run trains (another process, stopped by
         # the lock) found no checkpoint to restore from, or an older one: this run's files
         folder.write_hydra_files(self.run.out_dir, self.hydra_files)
-        self.metrics.flush()
+        self.metrics.flush()  # on disk before the checkpoint that records its length
+        os.fsync(self.metrics.fileno())
         payload = {
             "iteration": done,
             "state": state,
