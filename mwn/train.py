@@ -42,8 +42,15 @@ from omegaconf import DictConfig
 from mwn.cli import QUIET_RANK, check_command_line, check_ranks
 from mwn.config import CONF_DIR, check_schedule_overrides, register_schema
 from mwn.report import plot_run_or_note
-from mwn.run.files import ERROR
-from mwn.run.folder import KNOWN_ERRORS, NonFinite, Preempted, exit_code, fail_job, run_folder
+from mwn.run.folder import (
+    KNOWN_ERRORS,
+    NonFinite,
+    Preempted,
+    clear_error,
+    exit_code,
+    fail_job,
+    run_folder,
+)
 from mwn.run.launch import train
 from mwn.run.loop import Member
 from mwn.run.ranks import process_group, ranks_from_env
@@ -62,9 +69,8 @@ def main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     ranks = ranks_from_env()  # torchrun's processes, or one
-    error_file = out_dir / ERROR  # a failed sweep job's row in the sweep summary
-    if ranks.main:
-        error_file.unlink(missing_ok=True)
+    if ranks.main:  # a failed sweep job's row in the sweep summary, from an earlier attempt
+        clear_error(out_dir)
     try:
         check_schedule_overrides(cfg, list(HydraConfig.get().overrides.task))
         with process_group(ranks):

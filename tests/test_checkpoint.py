@@ -314,6 +314,20 @@ def test_a_killed_checkpoint_writes_temporary_file_is_removed_by_the_next_run(tm
     assert not stale.exists()
 
 
+def test_a_sweep_refused_by_a_running_one_writes_no_error_into_its_job_folders(tmp_path):
+    """A job folder held by a run under way (here: by this process): the refused job writes no
+    error.json there and removes none, so the running sweep's summary stays its own."""
+    job = tmp_path / "sweep" / "0"
+    job.mkdir(parents=True)
+    with hold(job):
+        r = run_cli("-m", "seed=0", *FAST, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+        assert not (job / "error.json").exists()
+        (job / "error.json").write_text('{"error": "the running job\'s own"}\n')
+        run_cli("-m", "seed=0", *FAST, f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+        assert (job / "error.json").read_text() == '{"error": "the running job\'s own"}\n'
+    assert "another run" in r.stderr + r.stdout or "another run" in (job / "train.log").read_text()
+
+
 def test_a_second_run_in_a_held_folder_names_the_holder(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     busy = rf"another run \(PID {os.getpid()}\) is training in this folder"

@@ -40,11 +40,38 @@ def exit_code(e: Preempted) -> int:
 
 
 def fail_job(job_dir: Path, e: Exception) -> None:
-    """A sweep job failed: log it and write its error.json (its row in the sweep summary)."""
+    """A sweep job failed: log it and write its error.json (its row in the sweep summary),
+    unless the folder is another process's (Held): a refused attempt writes nothing there."""
     known = isinstance(e, KNOWN_ERRORS)
     message = str(e) if known else f"{type(e).__name__}: {e}"
     log.error("mwn: error: %s", message, exc_info=None if known else e)
-    (job_dir / ERROR).write_text(json.dumps({"error": message}) + "\n")
+    if not isinstance(e, Held):
+        (job_dir / ERROR).write_text(json.dumps({"error": message}) + "\n")
+
+
+def clear_error(job_dir: Path) -> None:
+    """Remove a job's error.json before it runs again, unless another process holds the folder
+    (its run is under way there, and what it writes is its own)."""
+    if not held_elsewhere(job_dir):
+        (job_dir / ERROR).unlink(missing_ok=True)
+
+
+class Held(checkpoint.CheckpointError):
+    """The run folder is held by another process's run."""
+
+
+def held_elsewhere(folder: Path) -> bool:
+    """Whether another open lock (another process, or another run of this one) holds `folder`."""
+    path = folder / LOCK
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 def run_folder(cfg: DictConfig, out_dir: Path) -> Path:
@@ -72,7 +99,7 @@ def hold(folder: Path):
         except BlockingIOError:
             f.seek(0)
             pid = f.read().strip() or "unknown"
-            raise checkpoint.CheckpointError(
+            raise Held(
                 f"{folder}: another run (PID {pid}) is training in this folder; wait for it to "
                 "end, or choose another folder"
             ) from None

@@ -14,8 +14,7 @@ from omegaconf import DictConfig
 
 from mwn.run import checkpoint, folder
 from mwn.run.build import build_run
-from mwn.run.files import ERROR
-from mwn.run.folder import KNOWN_ERRORS, fail_job, run_folder
+from mwn.run.folder import KNOWN_ERRORS, clear_error, fail_job, run_folder
 from mwn.run.group import Vmapped, plan_groups
 from mwn.run.loop import Member, Plain, loop
 from mwn.run.monitor import Progress
@@ -114,7 +113,7 @@ def train_group(
         stop = stack.enter_context(StopFlag())
         members = []
         for cfg, job_dir in zip(cfgs, job_dirs):
-            (job_dir / ERROR).unlink(missing_ok=True)
+            clear_error(job_dir)
             stack.enter_context(_log_to(job_dir / "train.log"))
             try:
                 m = start(
