@@ -16,16 +16,12 @@ from pathlib import Path
 
 
 def _ctrl_c(signum, frame) -> None:
-    """SIGINT outside the training loop (which takes the signal itself, and checkpoints): exit
-    at once, in one line; after a run's result line the run is done and the exit is 0. (A
-    KeyboardInterrupt raised in the middle of the imports would leave modules half built and end
-    in some unrelated error or traceback.)"""
+    """SIGINT outside the training loop (which checkpoints on it): exit at once, one line, 0
+    after a result line (a KeyboardInterrupt inside the imports leaves modules half built)."""
     done = getattr(sys.modules.get("mwn.train"), "FINISHED", None)
     if not done:
-        print(
-            "mwn: stopped by SIGINT outside training; rerun the same command to continue",
-            file=sys.stderr,
-        )
+        print("mwn: stopped by SIGINT outside training; rerun the same command to continue",
+              file=sys.stderr)  # fmt: skip
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0 if done else 130)
@@ -42,15 +38,8 @@ from omegaconf import DictConfig
 from mwn.cli import QUIET_RANK, check_command_line, check_ranks
 from mwn.config import CONF_DIR, check_schedule_overrides, register_schema
 from mwn.report import plot_run_or_note
-from mwn.run.folder import (
-    KNOWN_ERRORS,
-    NonFinite,
-    Preempted,
-    clear_error,
-    exit_code,
-    fail_job,
-    run_folder,
-)
+from mwn.run import folder
+from mwn.run.folder import KNOWN_ERRORS, NonFinite, Preempted, exit_code, fail_job, run_folder
 from mwn.run.launch import train
 from mwn.run.loop import Member
 from mwn.run.ranks import process_group, ranks_from_env
@@ -70,7 +59,7 @@ def main(cfg: DictConfig) -> float | None:
     sweep = HydraConfig.get().mode == RunMode.MULTIRUN
     ranks = ranks_from_env()  # torchrun's processes, or one
     if ranks.main:  # a failed sweep job's row in the sweep summary, from an earlier attempt
-        clear_error(out_dir)
+        folder.clear_error(out_dir)
     try:
         check_schedule_overrides(cfg, list(HydraConfig.get().overrides.task))
         with process_group(ranks):

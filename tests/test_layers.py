@@ -90,9 +90,9 @@ def test_every_layer_has_its_modules_and_the_check_sees_a_violation(tmp_path):
 
 
 def test_train_is_only_the_entry():
-    """mwn/train.py defines no machinery: the Hydra main, the group's finishing note and the
-    launcher's registration, nothing else."""
+    """mwn/train.py defines no machinery: the Ctrl-C hook of start-up, the Hydra main, the
+    group's finishing note and the launcher's registration, nothing else."""
     tree = ast.parse((PACKAGE / "train.py").read_text())
     defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))]
-    assert defined == ["main", "finished_job", "register_launcher"]
+    assert defined == ["_ctrl_c", "main", "finished_job", "register_launcher"]
     assert len((PACKAGE / "train.py").read_text().splitlines()) < 120
