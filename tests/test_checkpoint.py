@@ -328,6 +328,38 @@ def test_a_sweep_refused_by_a_running_one_writes_no_error_into_its_job_folders(t
     assert "another run" in r.stderr + r.stdout or "another run" in (job / "train.log").read_text()
 
 
+def test_a_full_disk_while_appending_metrics_keeps_whole_lines_and_resumes(tmp_path, monkeypatch):
+    """ENOSPC in the middle of a metrics line (half of it written first, as a real full disk
+    does): one error naming the file, the half line cut back, and once there is space again the
+    same command resumes to the run an uninterrupted one trains."""
+    import errno
+
+    from mwn.run import recorder
+
+    real, calls = os.write, []
+
+    def full_disk(fd, data):
+        calls.append(1)
+        if len(calls) == 4:  # the fourth line: half of it, then no space left
+            real(fd, bytes(data[: len(data) // 2]))
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(recorder, "_write", full_disk)
+    with pytest.raises(
+        CheckpointError,
+        match=r"metrics.jsonl: cannot append the line of "
+        r"iteration 20 \(No space left on device\); the file is kept whole",
+    ):
+        train(make_cfg(*FAST), tmp_path / "run")
+    text = (tmp_path / "run" / "metrics.jsonl").read_text()
+    assert text.endswith("\n") and all(json.loads(line) for line in text.splitlines())
+    monkeypatch.setattr(recorder, "_write", real)  # space again
+    train(make_cfg(*FAST), tmp_path / "run")
+    train(make_cfg(*FAST), tmp_path / "straight")
+    assert_same_run(tmp_path / "run", tmp_path / "straight")
+
+
 def test_a_second_run_in_a_held_folder_names_the_holder(tmp_path):
     tmp_path.mkdir(exist_ok=True)
     busy = rf"another run \(PID {os.getpid()}\) is training in this folder"

@@ -176,6 +176,9 @@ def kept_lines(path: Path, tally: Tally):
     return digest
 
 
+_write = os.write  # (a test makes it fail as a full disk does)
+
+
 class Recorder:
     """The loop's side effects: metrics.jsonl, progress, TensorBoard, checkpoints, and SIGTERM /
     SIGINT (which only set `stop.raised`, checked once per iteration). Rank 0 records; on the
@@ -215,7 +218,8 @@ class Recorder:
                 (run.out_dir / NOISE).write_text(json.dumps(run.data.noise) + "\n")
             with open(path, "ab") as f:  # drop lines written after the checkpoint
                 f.truncate(tally.metrics_bytes)
-        self.metrics = open(path, "ab")  # noqa: SIM115  (closed by __exit__)
+        # unbuffered: each line goes to the file whole or not at all (Recorder.log)
+        self.metrics = open(path, "ab", buffering=0)  # noqa: SIM115  (closed by __exit__)
 
     def __enter__(self) -> Recorder:
         return self
@@ -232,11 +236,27 @@ class Recorder:
         """After iteration `done`: a metrics.jsonl line, if any, and the progress display."""
         if record is not None:
             line = (json.dumps(record) + "\n").encode()
-            self.metrics.write(line)
+            self._append(line, done)
             self.digest.update(line)
             if self.board is not None:
                 self.board.write(record)
         self.progress.update(done, record)
+
+    def _append(self, line: bytes, done: int) -> None:
+        """One line onto metrics.jsonl, or none of it: a failed write (a full disk) is cut
+        back, so the file stays whole lines and a rerun resumes once there is space."""
+        fd, start = self.metrics.fileno(), self.metrics.tell()
+        view = memoryview(line)
+        try:
+            while view:
+                view = view[_write(fd, view) :]
+        except OSError as e:
+            os.ftruncate(fd, start)
+            raise checkpoint.CheckpointError(
+                f"{self.run.out_dir / METRICS}: cannot append the line of iteration {done} "
+                f"({e.strerror or e}); the file is kept whole up to it; free space and rerun "
+                "the same command to resume"
+            ) from None
 
     def note(self, message: str) -> None:
         self.progress.write(f"{self.label}: {message}" if self.label else message)
