@@ -142,6 +142,7 @@ def loop(members: list[Member], runs, stop: StopFlag, progress: Progress | None)
             # what follows, for each run still going: finiteness, validation and logging,
             # checkpoints (fp16 skips non-finite steps itself)
             finite = None if cfg.fp16 else runs.finite(metrics)
+            stop.look()  # one answer for every run of the group
             stopped = []
             for k, m in enumerate(members):
                 if not m.live(it):
@@ -177,7 +178,7 @@ def loop(members: list[Member], runs, stop: StopFlag, progress: Progress | None)
                 progress.update(it + 1, None)
             if stopped:
                 raise Preempted(
-                    f"stopped by {stop.raised or 'SIGTERM'} at iteration {it + 1}; checkpoints "
+                    f"stopped by {stop.seen or 'SIGTERM'} at iteration {it + 1}; checkpoints "
                     f"of {len(stopped)} runs ({', '.join(stopped)}); rerun the same command to "
                     "resume"
                 )
@@ -241,13 +242,13 @@ def after_step(
 
     # checkpoint: periodically, at the end, and when asked to stop (all ranks agree on
     # when: SIGTERM may reach them in different iterations)
-    stopping = run.ranks.any(recorder.stop.raised is not None)
+    stopping = run.ranks.any(recorder.stop.seen is not None)
     if then.checkpoint or stopping:
         path = recorder.checkpoint(done, state(), tally)
         recorder.note(f"checkpoint {path.name}")
         if stopping and done < run.cfg.train_iters:  # at the last iteration: it has finished
             raise Preempted(
-                f"stopped by {recorder.stop.raised or 'SIGTERM'} at iteration {done}; "
+                f"stopped by {recorder.stop.seen or 'SIGTERM'} at iteration {done}; "
                 f"checkpoint {path}; "
                 "rerun the same command to resume"
             )

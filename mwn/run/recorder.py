@@ -128,7 +128,13 @@ class StopFlag:
     (checked once per iteration): the run checkpoints and stops."""
 
     raised: str | None = None
+    seen: str | None = None  # `raised` as the loop read it for this iteration (`look`)
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def look(self) -> None:
+        """Read the flag once for the iteration: every run of a group then sees the same
+        answer, also when a signal arrives while the runs are being recorded one by one."""
+        self.seen = self.raised
 
     def __enter__(self):
         self.old = {}
