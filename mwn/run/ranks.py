@@ -83,5 +83,9 @@ def process_group(ranks: Ranks, timeout_min: float = 30) -> Iterator[Ranks]:
     dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_min))
     try:
         yield ranks
+        # every rank done before any takes its connections down: a rank that tore its group
+        # down while another was still finishing could abort in gloo's teardown ("terminate
+        # called without an active exception"); not on an error, where the others may be gone
+        dist.barrier()
     finally:
         dist.destroy_process_group()
