@@ -40,6 +40,7 @@ import torch
 from mwn.config import compose_config
 from mwn.core.methods import METHODS
 from mwn.core.models import ResNet, extract_state
+from mwn.core.optim import adam_init
 from mwn.core.step import StepHP, init_state
 from mwn.data.batches import DeviceImages, Sampler
 from mwn.run.accel import channels_last, make_step
@@ -131,10 +132,7 @@ def setup(args: argparse.Namespace) -> dict:
         params = channels_last(params)
     state = init_state(params, buffers, extract_state(meta_net)[0], args.fp16, str(cfg.optimizer))
     state["class_weights"] = torch.ones(args.classes, device=device)  # class_balanced
-    adamw_state = {
-        **state,
-        "momentum": init_state(params, buffers, None, optimizer="adamw")["momentum"],
-    }
+    adamw_state = {**state, "momentum": adam_init(params)}  # the mwn_adamw variant's
     images = torch.randint(0, 256, (50_000, c, h, w), dtype=torch.uint8)
     labels = torch.randint(0, args.classes, (50_000,))
     data = DeviceImages(

@@ -79,6 +79,7 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
     showing = args.cfg is not None or args.info is not None  # prints the config, runs nothing
     dirs = config_dirs(args, conf_dir)
     overrides = list(args.overrides)
+    launchers = {p.stem for d in dirs or [] for p in (d / "hydra" / "launcher").glob("*.yaml")}
     for arg in overrides:
         key, sep, value = arg.partition("=")
         key = key.lstrip("+~")
@@ -100,8 +101,7 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
                 f"{arg}: a launcher runs the jobs of a sweep; add -m (python -m mwn.train -m "
                 "...), or leave it out for a single run"
             )
-        own = {p.stem for d in dirs or [] for p in (d / "hydra" / "launcher").glob("*.yaml")}
-        if sep and key == "hydra/launcher" and (problem := _launcher_missing(value, own)):
+        if sep and key == "hydra/launcher" and (problem := _launcher_missing(value, launchers)):
             return f"{key}={value}: {problem}"
         if sep and key == "hydra.launcher.max_runs":
             for v in value.split(","):

@@ -347,7 +347,9 @@ def test_the_adam_diagonal_equals_autodiff_of_the_update_and_its_first_step_clos
     textbook AdamW update (mid-training moments, a zero gradient with zero moments), and at the
     first step the closed form (lr / c1) (1 - b1) eps / q^2, which the textbook's own
     derivative reaches only through a cancellation."""
-    from mwn.core.optim import adam_lookahead_scale
+    from mwn.core.optim import adam_step_and_scale
+
+    adam_lookahead_scale = lambda *args: adam_step_and_scale(*args)[2]
 
     torch.manual_seed(0)
     p = torch.randn(7, dtype=torch.float64)

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.func import vjp
 
-from mwn.core.step import StepHP, loss_dots, mean_loss, per_sample_loss
+from mwn.core.step import StepHP, loss_dots, mean_loss, per_sample_loss, scaled_tangent
 from mwn.core.sums import LOCAL, Reduce, Sums, skip_if_overflow
 from mwn.core.types import Batch, Tensors
 
@@ -125,9 +125,8 @@ def l2rw_scores(model, state, batch, meta_batch, lr, hp: StepHP, sums: Sums):
         lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead
     )
     # (J D g)_i = (D g) . grad L_i(w) for all i in one JVP, as in MWN's exact meta-gradient
-    if isinstance(a, dict):  # Adam(W): a diagonal, into the tangent
-        g_meta, a = {k: a[k] * g for k, g in g_meta.items()}, 1.0
-    jg, t = loss_dots(model, params, buffers, batch, g_meta, hp, sums)
+    tangent, a = scaled_tangent(g_meta, a)
+    jg, t = loss_dots(model, params, buffers, batch, tangent, hp, sums)
     u = jg * (a / t)
     return u, meta_loss, (losses, pullback, new_buffers)
 

@@ -26,6 +26,7 @@ from mwn.core.step import (
     per_sample_loss,
     run_constants,
     sample_weights,
+    scaled_tangent,
 )
 from mwn.core.sums import LOCAL, Reduce, Sums, skip_if_overflow
 from mwn.core.types import Batch, Tensors
@@ -88,9 +89,8 @@ def jvp_meta_grad(
         lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead[0]
     )
     # (J D g)_i = (D g) . grad L_i(w) for all i in one JVP, then the VJP through v(Theta)
-    if isinstance(a, dict):  # Adam(W): the diagonal goes into the tangent
-        g_meta, a = {k: a[k] * g for k, g in g_meta.items()}, 1.0
-    jg, t = loss_dots(model, params, buffers, batch, g_meta, hp, sums)
+    tangent, a = scaled_tangent(g_meta, a)
+    jg, t = loss_dots(model, params, buffers, batch, tangent, hp, sums)
     (meta_grad,) = train.weights_pullback(jg * (-a / n) / t)
     return MetaGrad(sums.total(meta_grad), meta_loss, tuple(ahead))
 

@@ -126,20 +126,6 @@ def _adam(
     return (new_params, new_state, diagonal) if scale else (new_params, new_state)
 
 
-def adam_lookahead_scale(
-    params: Tensors,
-    grads: Tensors,
-    state: dict,
-    lr: float,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    decoupled: bool = False,
-) -> Tensors:
-    """The diagonal D of `adam_step_and_scale` alone."""
-    return adam_step_and_scale(params, grads, state, lr, betas, eps, weight_decay, decoupled)[2]
-
-
 def decayed_weights(p: torch.Tensor, lr: float, weight_decay: float | torch.Tensor):
     """p * (1 - lr wd): AdamW's decoupled weight decay (a float 0: p itself)."""
     if isinstance(weight_decay, torch.Tensor) or weight_decay:

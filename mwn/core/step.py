@@ -191,6 +191,15 @@ def sample_weights(
     return w * (w.numel() * reduce.world / reduce.sum_over_ranks(w.sum()))
 
 
+def scaled_tangent(g: Tensors, scale: float | Tensors) -> tuple[Tensors, float]:
+    """(tangent, factor) for the dot products (D g) . grad L_i of a lookahead scale D
+    (StepHP.update_and_scale): a diagonal (Adam, AdamW) goes into the tangent, D g and 1; a
+    number (SGD) stays a factor of the dot products, g and D."""
+    if isinstance(scale, dict):
+        return {k: scale[k] * v for k, v in g.items()}, 1.0
+    return g, scale
+
+
 def loss_dots(model, params, buffers, batch: Batch, g: Tensors, hp: StepHP, sums: Sums):
     """(J g, t): the dot products g . grad_w L_i(w) for every sample i, all in one forward-mode
     JVP of the loss vector, times t (the factor `Sums.tangent` scaled g by; 1.0 in fp32)."""
