@@ -96,8 +96,9 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     method: Method = MISSING
     seed: int = MISSING
-    imbalance: float = MISSING
+    imbalance: Optional[float] = MISSING  # noqa: UP045  null: the data's own class counts
     meta_per_class: int = MISSING
+    val_per_class: int = MISSING
     train_per_class: Optional[int] = MISSING  # noqa: UP045
     noise: Noise = MISSING
     noise_rate: float = MISSING
@@ -237,7 +238,12 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
             f"jvp with {amp}=true",
         )
     need(0 <= cfg.seed < 2**32, "seed", "integers in [0, 2^32)")
-    need(cfg.imbalance >= 1, "imbalance", "real numbers >= 1")
+    need(
+        cfg.imbalance is None or cfg.imbalance >= 1,
+        "imbalance",
+        "null or real numbers >= 1",
+    )
+    need(0 <= cfg.val_per_class <= MAX_INT, "val_per_class", "integers in [0, 10^9]")
     need(0 <= cfg.noise_rate <= 1, "noise_rate", "real numbers in [0, 1]")
     need(
         cfg.noise != "none" or cfg.noise_rate == 0,

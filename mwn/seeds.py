@@ -26,6 +26,7 @@ ONCE = {
     "noise_classes": 2,  # the other classes of flip / flip2 noise (mwn.data.noise)
     "noise_labels": 3,  # which labels are corrupted, and to what (mwn.data.noise)
     "noise_probe": 4,  # the training samples on which clean and noisy weights are compared
+    "val_split": 5,  # which training images become the validation set (val_per_class)
 }
 
 

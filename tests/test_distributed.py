@@ -206,7 +206,7 @@ def torchrun_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("torchrun") / "run"
     proc = torchrun(folder)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count("IF 20 || Best Acc.") == 1  # rank 0 alone reports
+    assert proc.stdout.count("IF 20 || Best Acc. (on test)") == 1  # rank 0 alone reports
     return folder
 
 

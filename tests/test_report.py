@@ -93,7 +93,7 @@ def test_a_failed_job_is_a_row_with_its_error_and_the_others_still_run(tmp_path)
     rows = {r["meta_per_class"]: r for r in read_csv(sweep / "summary.csv")}
     assert rows["10"]["status"] == "done" and float(rows["10"]["final_test_acc"]) >= 0
     assert rows["500"]["status"] == "failed" and rows["500"]["final_test_acc"] == ""
-    assert rows["500"]["error"].startswith("meta_per_class=500: class 0 has only")
+    assert rows["500"]["error"].startswith("meta_per_class=500: class '0' has only")
     assert list(rows) == ["10", "500"]  # failed jobs last
     assert "failed: meta_per_class=500" in (sweep / "summary.md").read_text()
     # rerunning the sweep with a fixed value clears the failure

@@ -71,7 +71,10 @@ def test_typos_and_wrong_types_fail_at_composition(override):
 @pytest.mark.parametrize(
     "override,message",
     [
-        ("imbalance=0.5", "imbalance=0.5: allowed values are real numbers >= 1"),
+        (
+            "imbalance=0.5",
+            "imbalance=0.5: allowed values are null or real numbers >= 1",
+        ),
         ("lr=0", "lr=0.0: allowed values are finite real numbers > 0"),
         ("batch_size=0", "batch_size=0: allowed values are integers in [1, 10^9]"),
         ("hidden_size=0", "hidden_size=0: allowed values are integers in [1, 10^9]"),
@@ -125,7 +128,7 @@ def test_a_short_run_writes_metrics_and_summary(tmp_path):
     # many (> 100 images): class 0 only; few (< 20): classes 6-9
     assert summary["final_many_acc"] == summary["final_per_class_acc"][0]
     assert summary["final_few_acc"] == pytest.approx(sum(summary["final_per_class_acc"][6:]) / 4)
-    assert result_line(summary).startswith("IF 20 || Best Acc.: ")
+    assert result_line(summary).startswith("IF 20 || Best Acc. (on test): ")
 
 
 def test_runs_are_deterministic_and_erm_differs(tmp_path):
@@ -154,7 +157,7 @@ def test_cli_runs_the_real_cifar_path_end_to_end(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].startswith("IF 100 || Best Acc.: ")
+    assert proc.stdout.strip().splitlines()[-1].startswith("IF 100 || Best Acc. (on test): ")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "cifar10" and summary["test_size"] == 30
     assert summary["train_class_counts"] == [100, 59, 35, 21, 12, 7, 4, 2, 1, 1]
@@ -165,8 +168,11 @@ def test_cli_runs_the_real_cifar_path_end_to_end(tmp_path):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["imbalance=0.5"], "imbalance=0.5: allowed values are real numbers >= 1"),
-        (["meta_per_class=500"], "meta_per_class=500: class 0 has only"),
+        (
+            ["imbalance=0.5"],
+            "imbalance=0.5: allowed values are null or real numbers >= 1",
+        ),
+        (["meta_per_class=500"], "meta_per_class=500: class '0' has only"),
         (["lr=-0.1"], "lr=-0.1: allowed values are finite real numbers > 0"),
         (["batch_size=0"], "batch_size=0: allowed values are integers in [1, 10^9]"),
         (["train_iters=0"], "train_iters=0: allowed values are integers in [1, 10^9]"),
@@ -335,7 +341,7 @@ def test_a_sweep_with_bad_values_names_each_before_any_job_runs(tmp_path):
 def test_a_bad_value_stops_the_run_before_hydra_writes_its_folder(tmp_path):
     proc = run_cli("imbalance=0.5", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == (
-        "mwn: error: imbalance=0.5: allowed values are real numbers >= 1"
+        "mwn: error: imbalance=0.5: allowed values are null or real numbers >= 1"
     )
     assert not (tmp_path / "run").exists()  # no .hydra/config.yaml recording the bad value
 

@@ -1,5 +1,8 @@
 """Image folders as a dataset: `root/train/<class>/<image>` and `root/test/<class>/<image>`
-(torchvision's ImageFolder layout), decoded once into uint8 tensors and cached.
+(torchvision's ImageFolder layout), decoded once into uint8 tensors and cached. Two more splits
+are read when they are there: `root/meta/<class>/` (a trusted, hand-checked meta set: used whole
+as the meta set, never trained on) and `root/val/<class>/` (a validation set, on which the best
+iteration is chosen).
 
 Rules (each broken one is a one-line DataError naming the folder, file or class):
 - images are PNG or JPEG by name (.png .jpg .jpeg, any case); hidden names (starting with '.',
@@ -8,18 +11,19 @@ Rules (each broken one is a one-line DataError naming the folder, file or class)
   it out), never silently skipped. Class folders may hold subfolders (read recursively, as
   torchvision does);
 - classes are the folder names under train/, sorted; a class's index is its position in that
-  list. A test class without a train folder is an error; a train class without a test folder is
-  allowed (a warning; it has no test images, so its per-class test accuracy means nothing); a
-  class folder without images (train or test) is an error;
-- images become RGB (3 channels, alpha dropped, palettes expanded) unless every image, train and
-  test, is greyscale (PIL modes 1, L, LA, I, I;16): then 1 channel. 16-bit greyscale keeps its
+  list. A test, meta or val class without a train folder is an error; a train class without a
+  test, meta or val folder is allowed (a warning; it has no images there, so its per-class test
+  accuracy means nothing, or the meta set does not show it); a class folder without images is
+  an error;
+- images become RGB (3 channels, alpha dropped, palettes expanded) unless every image of every
+  split is greyscale (PIL modes 1, L, LA, I, I;16): then 1 channel. 16-bit greyscale keeps its
   high byte. EXIF orientation is not applied (as torchvision's loader);
 - with `image_size`, every image is resized to image_size x image_size (PIL bilinear, which
   antialiases when shrinking, as torchvision's Resize on PIL images; the aspect ratio is not
   kept); without it, every image must have the same size.
 
-The cache is one torch.save file of the tensors and class names, keyed by a hash of the sorted
-relative paths, sizes and mtimes of the images, image_size and FORMAT_VERSION: any added,
+The cache is one torch.save file of the tensors and class names, keyed by a hash of the splits,
+the sorted relative paths, sizes and mtimes of the images, image_size and FORMAT_VERSION: any added,
 removed, renamed or rewritten image (new mtime) makes a new cache. It lives in
 `root/.mwn-cache/` (or `cache_dir`), else in the user cache folder ($XDG_CACHE_HOME/mwn or
 ~/.cache/mwn) when root is read-only. A corrupt, damaged (its SHA-256 of the decoded pixels and
@@ -41,15 +45,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mwn.data.images import DataError, ImageSet
+from mwn.data.images import DataError, ImageSet, Split
 
 log = logging.getLogger(__name__)
 
 SUFFIXES = (".png", ".jpg", ".jpeg")
 IGNORED_NAMES = ("thumbs.db", "desktop.ini")  # compared lower-case; plus every name with a '.'
-FORMAT_VERSION = 2  # bump when decoding or the cache's contents change (2: a content digest)
+FORMAT_VERSION = 3  # bump when decoding or the cache's contents change (2: a content digest;
+# 3: the meta/ and val/ splits)
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N")
-LAYOUT = "expected <root>/train/<class>/<image> and <root>/test/<class>/<image> (PNG or JPEG)"
+LAYOUT = (
+    "expected <root>/train/<class>/<image> and <root>/test/<class>/<image> (PNG or JPEG), and "
+    "optionally <root>/meta/<class>/ and <root>/val/<class>/"
+)
+OPTIONAL_SPLITS = ("meta", "val")  # read when the folder is there
 
 
 @dataclass
@@ -66,8 +75,9 @@ def load_image_folder(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> ImageSet:
-    """The images under root/train and root/test as an ImageSet named after the folder, from the
-    cache when the folder has not changed since it was written (see the module docstring)."""
+    """The images under root/train and root/test (and root/meta, root/val when there) as an
+    ImageSet named after the folder, from the cache when the folder has not changed since it was
+    written (see the module docstring)."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found ({LAYOUT})")
@@ -75,52 +85,57 @@ def load_image_folder(
         if not (root / split).is_dir():
             raise DataError(f"{root}: not an image folder, no {split}/ folder in it; {LAYOUT}")
     classes = _classes(root / "train")
-    test_classes = _classes(root / "test")
-    for name in test_classes:
-        if name not in classes:
-            raise DataError(
-                f"{root / 'test' / name}: test class {name!r} has no folder in {root / 'train'}"
-            )
-    for name in classes:
-        if name not in test_classes:
-            log.warning("%s: class %r has no test images", root / "test", name)
-    train = _list_split(root / "train", classes)
-    test = _list_split(root / "test", classes)
+    names = ["train", "test", *(s for s in OPTIONAL_SPLITS if (root / s).is_dir())]
+    for split in names[1:]:
+        present = _classes(root / split)
+        for name in present:
+            if name not in classes:
+                raise DataError(
+                    f"{root / split / name}: {split} class {name!r} has no folder in "
+                    f"{root / 'train'}"
+                )
+        for name in classes:
+            if name not in present:
+                log.warning("%s: class %r has no %s images", root / split, name, split)
+    splits = {split: _list_split(root / split, classes) for split in names}
 
-    key = _cache_key(root, train, test, image_size)
+    key = _cache_key(root, splits, image_size)
     stem = f"{_safe(root.resolve().name)}-{image_size or 'native'}-{key[:20]}"
     dirs = [Path(cache_dir).expanduser()] if cache_dir is not None else _default_cache_dirs(root)
+    pixels = None
     for folder in dirs:
-        cached = _read_cache(folder / f"{stem}.pt", key, classes)
-        if cached is not None:
+        pixels = _read_cache(folder / f"{stem}.pt", key, classes, names)
+        if pixels is not None:
             log.info(
-                "%s: %d train, %d test images from the cache %s",
+                "%s: %s images from the cache %s",
                 root,
-                len(cached.train_y),
-                len(cached.test_y),
+                ", ".join(f"{len(pixels[n][1])} {n}" for n in names),
                 folder / f"{stem}.pt",
             )
-            return cached
-
-    train_x, test_x = _decode_all(root, train, test, image_size, progress)
-    ds = ImageSet(
+            break
+    if pixels is None:
+        xs = _decode_all(root, splits, image_size, progress)
+        pixels = {n: (x, torch.tensor(splits[n].labels, dtype=torch.int64)) for n, x in xs.items()}
+        _write_cache(dirs, stem, key, classes, root.resolve().name, pixels, prune=cache_dir is None)
+        log.info(
+            "%s: %d classes, %s images of %s",
+            root,
+            len(classes),
+            ", ".join(f"{len(splits[n].files)} {n}" for n in names),
+            "x".join(map(str, pixels["train"][0].shape[1:])),
+        )
+    files = {n: [p.relative_to(root).as_posix() for p in splits[n].files] for n in names}
+    extra = {n: Split(*pixels[n], files[n]) if n in pixels else None for n in OPTIONAL_SPLITS}
+    return ImageSet(
         root.resolve().name,
         len(classes),
-        train_x,
-        torch.tensor(train.labels, dtype=torch.int64),
-        test_x,
-        torch.tensor(test.labels, dtype=torch.int64),
+        *pixels["train"],
+        *pixels["test"],
+        classes=classes,
+        train_files=files["train"],
+        test_files=files["test"],
+        **extra,
     )
-    _write_cache(dirs, stem, key, classes, ds, prune=cache_dir is None)
-    log.info(
-        "%s: %d classes, %d train and %d test images of %s",
-        root,
-        len(classes),
-        len(train.files),
-        len(test.files),
-        "x".join(map(str, train_x.shape[1:])),
-    )
-    return ds
 
 
 # ---------------------------------------------------------------- the folder's files
@@ -172,11 +187,12 @@ def _list_split(split: Path, classes: list[str]) -> _Split:
     return _Split(files, labels)
 
 
-def _cache_key(root: Path, train: _Split, test: _Split, image_size: int | None) -> str:
-    """sha256 over the format version, image_size and each image's relative path, label, size
-    and mtime (ns): any change to what would be decoded changes the key."""
+def _cache_key(root: Path, splits: dict[str, _Split], image_size: int | None) -> str:
+    """sha256 over the format version, image_size, the splits and each image's relative path,
+    label, size and mtime (ns): any change to what would be decoded changes the key."""
     h = hashlib.sha256(f"mwn-image-folder {FORMAT_VERSION} {image_size}\n".encode())
-    for split in (train, test):
+    for name, split in splits.items():
+        h.update(f"split {name}\n".encode())
         for path, label in zip(split.files, split.labels):
             st = path.stat()
             rel = path.relative_to(root).as_posix()
@@ -215,23 +231,23 @@ def _decode(path: Path, image_size: int | None) -> np.ndarray:
 
 
 def _decode_all(
-    root: Path, train: _Split, test: _Split, image_size: int | None, progress: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode both splits into uint8 (N, C, H, W): 1 channel while every image so far is grey,
-    3 (greys replicated, as PIL's L -> RGB) from the first colour image on."""
+    root: Path, splits: dict[str, _Split], image_size: int | None, progress: bool
+) -> dict[str, torch.Tensor]:
+    """Decode every split into uint8 (N, C, H, W): 1 channel while every image so far is grey,
+    3 (greys replicated, as PIL's L -> RGB) from the first colour image on, for every split."""
     from tqdm import tqdm
 
     first: tuple[Path, tuple[int, int]] | None = None  # (file, (H, W)) every image must match
     bar = tqdm(
-        total=len(train.files) + len(test.files),
+        total=sum(len(s.files) for s in splits.values()),
         desc=f"decoding {root.name}",
         unit="img",
         dynamic_ncols=True,
         disable=not progress,
     )
-    out = []
+    out = {}
     with bar:
-        for split in (train, test):
+        for name, split in splits.items():
             buf: np.ndarray | None = None
             for i, path in enumerate(split.files):
                 a = _decode(path, image_size)
@@ -249,33 +265,37 @@ def _decode_all(
                     buf = np.repeat(buf, 3, axis=1)  # the first colour image: grey so far -> RGB
                 buf[i] = a.transpose(2, 0, 1) if a.ndim == 3 else a
                 bar.update()
-            out.append(buf)
-    train_x, test_x = out
-    if train_x.shape[1] != test_x.shape[1]:  # one split all grey, the other not: RGB for both
-        train_x, test_x = (np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a for a in out)
-    return torch.from_numpy(train_x), torch.from_numpy(test_x)
+            out[name] = buf
+    if len({a.shape[1] for a in out.values()}) > 1:  # some splits all grey, others not: RGB
+        out = {n: np.repeat(a, 3, axis=1) if a.shape[1] == 1 else a for n, a in out.items()}
+    return {n: torch.from_numpy(a) for n, a in out.items()}
 
 
 # ---------------------------------------------------------------- the cache
 
 
-def _read_cache(path: Path, key: str, classes: list[str]) -> ImageSet | None:
-    """The cached set if `path` holds a well-formed cache for `key`, else None (with a warning
-    when a file is there but unusable)."""
+Pixels = dict[str, tuple[torch.Tensor, torch.Tensor]]  # split -> (uint8 images, labels)
+
+
+def _read_cache(path: Path, key: str, classes: list[str], names: list[str]) -> Pixels | None:
+    """The cached splits if `path` holds a well-formed cache for `key`, else None (with a
+    warning when a file is there but unusable)."""
     if not path.is_file():
         return None
     try:
         entry = torch.load(path, map_location="cpu", weights_only=True)
-        xs, ys = (entry["train_x"], entry["test_x"]), (entry["train_y"], entry["test_y"])
+        pixels = {n: tuple(entry["splits"][n]) for n in names}
+        xs = [x for x, _ in pixels.values()]
         ok = (
             entry["version"] == FORMAT_VERSION
             and entry["key"] == key
             and entry["classes"] == classes
+            and list(entry["splits"]) == names
             and all(x.dtype == torch.uint8 and x.dim() == 4 for x in xs)
-            and xs[0].shape[1:] == xs[1].shape[1:]
-            and all(y.dtype == torch.int64 and y.shape == (len(x),) for x, y in zip(xs, ys))
+            and all(x.shape[1:] == xs[0].shape[1:] for x in xs)
+            and all(y.dtype == torch.int64 and y.shape == (len(x),) for x, y in pixels.values())
         )
-        if ok and entry["digest"] != _digest(*xs, *ys):  # pixels or labels changed on disk
+        if ok and entry["digest"] != _digest(pixels):  # pixels or labels changed on disk
             log.warning("%s: damaged cache (its checksum does not match), rebuilding", path)
             return None
     except Exception as e:  # truncated, not a torch file, missing keys: rebuild
@@ -289,19 +309,27 @@ def _read_cache(path: Path, key: str, classes: list[str]) -> ImageSet | None:
     if not ok:
         log.warning("%s: cache does not match the folder, ignored, rebuilding", path)
         return None
-    return ImageSet(entry["name"], len(classes), xs[0], ys[0], xs[1], ys[1])
+    return pixels
 
 
-def _digest(*tensors: torch.Tensor) -> str:
-    """SHA-256 of the tensors' bytes (about 0.2 s for CIFAR-10's 176 MB)."""
+def _digest(pixels: Pixels) -> str:
+    """SHA-256 of the splits' names and tensors' bytes (about 0.2 s for CIFAR-10's 176 MB)."""
     h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for name, tensors in pixels.items():
+        h.update(name.encode())
+        for t in tensors:
+            h.update(t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
 def _write_cache(
-    dirs: list[Path], stem: str, key: str, classes: list[str], ds: ImageSet, prune: bool
+    dirs: list[Path],
+    stem: str,
+    key: str,
+    classes: list[str],
+    name: str,
+    pixels: Pixels,
+    prune: bool,
 ) -> None:
     """torch.save to a temporary file then os.replace (readers never see half a file), in the
     first of `dirs` that can be written. With `prune` (root's own cache folder), older caches of
@@ -309,13 +337,10 @@ def _write_cache(
     entry = {
         "version": FORMAT_VERSION,
         "key": key,
-        "name": ds.name,
+        "name": name,
         "classes": classes,
-        "train_x": ds.train_x,
-        "train_y": ds.train_y,
-        "test_x": ds.test_x,
-        "test_y": ds.test_y,
-        "digest": _digest(ds.train_x, ds.test_x, ds.train_y, ds.test_y),
+        "splits": pixels,
+        "digest": _digest(pixels),
     }
     umask = os.umask(0)
     os.umask(umask)

@@ -15,8 +15,20 @@ class DataError(ValueError):
 
 
 @dataclass
+class Split:
+    """A further split a dataset brings with it (an image folder's meta/ or val/): uint8
+    (N, C, H, W) images, labels (N,), and each image's file (relative to the dataset's root)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    files: list[str] | None = None
+
+
+@dataclass
 class ImageSet:
-    """Train and test images of one dataset, as read from disk: uint8 (N, C, H, W), labels (N,)."""
+    """Train and test images of one dataset, as read from disk: uint8 (N, C, H, W), labels (N,);
+    the class names (index order), each image's file where the images are files, and the trusted
+    meta set and validation set when the dataset brings them."""
 
     name: str
     num_classes: int
@@ -24,6 +36,15 @@ class ImageSet:
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
+    classes: list[str] | None = None  # None: the class indices as names
+    train_files: list[str] | None = None  # relative to the dataset's root
+    test_files: list[str] | None = None
+    meta: Split | None = None  # a meta/ folder: the whole meta set, never trained on
+    val: Split | None = None  # a val/ folder: the validation set
+
+    def __post_init__(self) -> None:
+        if self.classes is None:
+            self.classes = [str(c) for c in range(self.num_classes)]
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:

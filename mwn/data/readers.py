@@ -26,6 +26,30 @@ log = logging.getLogger(__name__)
 
 ASSETS = Path(__file__).parent / "assets"
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]  # the dataset's own names (its README)
+CIFAR10_CLASSES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]  # batches.meta's label_names
 
 # reader(root, download, image_size, progress) -> ImageSet
 Reader = Callable[[Path, bool, "int | None", bool], ImageSet]
@@ -107,7 +131,9 @@ def load_fashion_mnist(root: Path, download: bool) -> ImageSet:
     log.info("Fashion-MNIST from %s", files[0].parent)
     tr_x, tr_y, te_x, te_y = (torch.from_numpy(_read_idx(p).astype(np.int64)) for p in files)
     to_images = lambda a: a.to(torch.uint8).unsqueeze(1)  # noqa: E731  (N, 1, 28, 28)
-    return ImageSet("fashion_mnist", 10, to_images(tr_x), tr_y, to_images(te_x), te_y)
+    return ImageSet(
+        "fashion_mnist", 10, to_images(tr_x), tr_y, to_images(te_x), te_y, FASHION_CLASSES
+    )
 
 
 def load_cifar(root: Path, name: str, download: bool) -> ImageSet:
@@ -156,7 +182,22 @@ def load_cifar(root: Path, name: str, download: bool) -> ImageSet:
             "read by structure",
             stacklevel=2,
         )
-    return ImageSet(name, num_classes, train_x, train_y, test_x, test_y)
+    classes = (
+        CIFAR10_CLASSES if name == "cifar10" else _cifar100_classes(folder / tv.meta["filename"])
+    )
+    return ImageSet(name, num_classes, train_x, train_y, test_x, test_y, classes)
+
+
+def _cifar100_classes(path: Path) -> list[str] | None:
+    """CIFAR-100's fine class names from its `meta` file (None, the indices as names, when the
+    file is missing or holds no 100 names)."""
+    try:
+        entry = pickle.loads(path.read_bytes(), encoding="bytes")  # the CIFAR format: trusted
+        entry = {k.decode() if isinstance(k, bytes) else k: v for k, v in entry.items()}
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in entry["fine_label_names"]]
+    except Exception:
+        return None
+    return names if len(names) == 100 else None
 
 
 def _download(fetch, what: str, root: Path) -> None:

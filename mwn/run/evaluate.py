@@ -1,6 +1,7 @@
-"""Test accuracy: overall, per class, and by shot group (many > 100, medium 20-100, few < 20
-training images, the long-tail reporting convention); and what the meta-net does: its weighting
-function on a grid of losses and the weights it gives a batch."""
+"""Test and validation scores: accuracy overall, per class, and by shot group (many > 100,
+medium 20-100, few < 20 training images, the long-tail reporting convention), balanced accuracy,
+macro-F1, per-class precision and recall and the confusion matrix (torchmetrics); and what the
+meta-net does: its weighting function on a grid of losses and the weights it gives a batch."""
 
 from __future__ import annotations
 
@@ -16,6 +17,24 @@ from mwn.run.files import SHOT_GROUPS, WEIGHT_FN_LOSSES, shot_group
 
 
 @torch.no_grad()
+def predict(
+    model: nn.Module, params: Tensors, buffers: Tensors, data: DeviceImages, batch_size: int = 1000
+) -> torch.Tensor:
+    """The classifier's logits (float32) for every image of `data`, in order, in eval mode
+    (BatchNorm running statistics)."""
+    model.eval()
+    try:
+        return torch.cat(
+            [
+                functional_call(model, (params, buffers), (x,), strict=True).float()
+                for x, _ in data.in_order(batch_size)
+            ]
+        )
+    finally:
+        model.train()
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     params: Tensors,
@@ -24,20 +43,40 @@ def evaluate(
     num_classes: int,
     batch_size: int = 1000,
 ) -> dict:
-    """Accuracy in % of the classifier in eval mode (BatchNorm running statistics)."""
-    correct = torch.zeros(num_classes, dtype=torch.long, device=data.device)
-    total = torch.zeros(num_classes, dtype=torch.long, device=data.device)
-    model.eval()
-    try:
-        for x, y in data.in_order(batch_size):
-            pred = functional_call(model, (params, buffers), (x,), strict=True).argmax(1)
-            correct += torch.bincount(y[pred == y], minlength=num_classes)
-            total += torch.bincount(y, minlength=num_classes)
-    finally:
-        model.train()
+    """Accuracy in % of the classifier in eval mode (BatchNorm running statistics), overall and
+    per class, and the scores of `class_scores`."""
+    pred = predict(model, params, buffers, data, batch_size).argmax(1)
+    y = data.y
+    correct = torch.bincount(y[pred == y], minlength=num_classes)
+    total = torch.bincount(y, minlength=num_classes)
     per_class = (100.0 * correct / total.clamp(min=1)).tolist()
     acc = 100.0 * correct.sum().item() / total.sum().item()
-    return {"test_acc": acc, "per_class_acc": per_class}
+    return {"test_acc": acc, "per_class_acc": per_class, **class_scores(pred, y, num_classes)}
+
+
+def class_scores(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> dict:
+    """Balanced accuracy (the mean recall of the classes that have samples, in %), macro-F1 (in
+    %; the classes with samples or predictions, as scikit-learn's), per-class precision, recall
+    and F1 (fractions; 0 where undefined) and the confusion matrix (rows: true class, columns:
+    predicted), all from torchmetrics."""
+    from torchmetrics.functional.classification import (
+        multiclass_confusion_matrix,
+        multiclass_f1_score,
+        multiclass_precision,
+        multiclass_recall,
+    )
+
+    C, pred, target = num_classes, pred.cpu(), target.cpu()
+    recall = multiclass_recall(pred, target, C, average=None)
+    present = torch.bincount(target, minlength=C) > 0
+    return {
+        "test_balanced_acc": 100.0 * recall[present].mean().item(),
+        "test_macro_f1": 100.0 * multiclass_f1_score(pred, target, C, average="macro").item(),
+        "precision": multiclass_precision(pred, target, C, average=None).tolist(),
+        "recall": recall.tolist(),
+        "f1": multiclass_f1_score(pred, target, C, average=None).tolist(),
+        "confusion": multiclass_confusion_matrix(pred, target, C).tolist(),
+    }
 
 
 def shot_accuracy(per_class_acc: list[float], train_counts: list[int]) -> dict:

@@ -10,6 +10,10 @@ import re
 METRICS = "metrics.jsonl"  # one JSON object per logged iteration
 SUMMARY = "summary.json"  # final and best accuracies, what the run was
 NOISE = "noise.json"  # label noise: transition matrix, realised counts, corrupted samples
+PER_CLASS = "per_class.csv"  # each class: training and test images, precision, recall, F1
+CONFUSION = "confusion.csv"  # the final test confusion matrix, rows true, columns predicted
+WEIGHTS = "weights.csv"  # python -m mwn.weights: every training image, least trusted first
+MODEL = "model.safetensors"  # the final classifier's parameters and buffers
 ERROR = "error.json"  # a failed sweep job: its row in the sweep summary
 LOCK = ".lock"  # held by the process training in the folder (names its PID)
 HYDRA_DIR = ".hydra"  # Hydra's copy of the composed config and the overrides

@@ -25,10 +25,13 @@ from mwn.run.recorder import (
     Recorder,
     StopFlag,
     Tally,
+    best_key,
     summarise,
     validation,
     validation_line,
 )
+
+NOT_LOGGED = ("confusion",)  # in the validation, not in metrics.jsonl lines (C x C numbers)
 
 
 @dataclass(frozen=True)
@@ -232,9 +235,10 @@ def after_step(
             )
         if then.validate:
             tally.last_eval = validation(run, state(), batch, batch_index)
-            record.update(tally.last_eval)
-            if tally.last_eval["test_acc"] > tally.best["test_acc"]:
-                drop = ("weight_fn", "batch")
+            record.update({k: v for k, v in tally.last_eval.items() if k not in NOT_LOGGED})
+            key = best_key(run)  # validation accuracy, or test accuracy without a val set
+            if tally.last_eval[key] > tally.best.get(key, -1.0):
+                drop = ("weight_fn", "batch", *NOT_LOGGED)
                 tally.best = {k: v for k, v in tally.last_eval.items() if k not in drop}
                 tally.best["iter"] = done
             recorder.note(validation_line(done, tally))

@@ -5,6 +5,7 @@ summary."""
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -21,7 +22,16 @@ from mwn.config import ConfigError
 from mwn.run import checkpoint, folder
 from mwn.run.build import Run, initial_state
 from mwn.run.evaluate import evaluate, noise_separation, shot_accuracy, weighting
-from mwn.run.files import METRICS, NOISE, NOISE_KEYS, SHOT_GROUPS, SUMMARY, WEIGHT_FN_LOSSES
+from mwn.run.files import (
+    CONFUSION,
+    METRICS,
+    NOISE,
+    NOISE_KEYS,
+    PER_CLASS,
+    SHOT_GROUPS,
+    SUMMARY,
+    WEIGHT_FN_LOSSES,
+)
 from mwn.run.folder import NonFinite
 from mwn.run.model import model_name
 from mwn.run.monitor import Progress, TensorBoard
@@ -99,12 +109,22 @@ def _float_leaves(tree: dict, prefix: str = ""):
 
 
 def validation(run: Run, state: dict, batch: tuple, batch_index: torch.Tensor) -> dict:
-    """Test accuracy (overall, per class, per shot group) and what the meta-net does."""
+    """Test scores (accuracy overall, per class, per shot group; balanced accuracy, macro-F1,
+    per-class precision and recall, the confusion matrix), the validation set's when there is
+    one, and what the meta-net does."""
     cfg, data, model, meta_net = run.cfg, run.data, run.model, run.meta_net
-    out = evaluate(
-        model, state["params"], state["buffers"], data.test, data.num_classes, cfg.eval_batch_size
+    params, buffers, C, size = (
+        state["params"],
+        state["buffers"],
+        data.num_classes,
+        cfg.eval_batch_size,
     )
+    out = evaluate(model, params, buffers, data.test, C, size)
     out.update(shot_accuracy(out["per_class_acc"], data.counts))
+    if data.val is not None:
+        val = evaluate(model, params, buffers, data.val, C, size)
+        for k in ("acc", "balanced_acc", "macro_f1"):
+            out[f"val_{k}"] = val[f"test_{k}"]
     if run.method.meta_net:  # its weighting function, and the latest batch's weights
         out.update(weighting(model, meta_net, state, batch, run.hp.amp))
         if data.probe is not None:  # how it weighs clean and corrupted samples
@@ -117,10 +137,22 @@ def validation(run: Run, state: dict, batch: tuple, batch_index: torch.Tensor) -
     return out
 
 
+def best_key(run: Run) -> str:
+    """The score the best iteration is chosen on: validation accuracy when the run has a
+    validation set, else test accuracy (the paper's convention)."""
+    return "val_acc" if run.data.val is not None else "test_acc"
+
+
 def validation_line(done: int, tally: Tally) -> str:
-    e = tally.last_eval
+    e, best = tally.last_eval, tally.best
     shots = "  ".join(f"{g} {e[g + '_acc']:.2f}" for g in SHOT_GROUPS if e[g + "_acc"] is not None)
-    return f"iter {done}  test acc {e['test_acc']:.2f} (best {tally.best['test_acc']:.2f})  {shots}"
+    test = f"test acc {e['test_acc']:.2f}"
+    balanced = f"balanced {e['test_balanced_acc']:.2f}" if "test_balanced_acc" in e else ""
+    if "val_acc" in e:
+        head = f"val acc {e['val_acc']:.2f} (best {best.get('val_acc', e['val_acc']):.2f})  {test}"
+    else:
+        head = f"{test} (best {best['test_acc']:.2f})"
+    return "  ".join(part for part in (f"iter {done}", head, balanced, shots) if part)
 
 
 class StopFlag:
@@ -312,7 +344,8 @@ class Recorder:
 
 
 def summarise(run: Run, state: dict, tally: Tally) -> dict:
-    """summary.json: the final and best test accuracies and what the run was."""
+    """summary.json: the final and best scores and what the run was; per_class.csv and
+    confusion.csv (class names) from the last validation."""
     cfg, data, last, best = run.cfg, run.data, tally.last_eval, tally.best
     if last is None:  # a resumed run whose schedule ends where it stopped, before validating
         raise ConfigError(
@@ -320,19 +353,26 @@ def summarise(run: Run, state: dict, tally: Tally) -> dict:
             f"values are > {cfg.train_iters}"
         )
     noise_diagnosed = data.probe is not None and run.method.meta_net
+    scores = ("test_balanced_acc", "test_macro_f1")
+    val_scores = ("val_acc", "val_balanced_acc", "val_macro_f1") if data.val is not None else ()
     summary = {
         "dataset": data.name,
         "method": str(cfg.method),
         "model": model_name(cfg.model),
         "imbalance": cfg.imbalance,
+        "imbalance_ratio": max(data.counts) / min(data.counts),
         "train_per_class": cfg.train_per_class,
         "seed": cfg.seed,
         "final_test_acc": last["test_acc"],
         "best_test_acc": best["test_acc"],
         "best_iter": best["iter"],
+        "best_on": "val" if data.val is not None else "test",
+        **{f"final_{k}": last.get(k) for k in scores + val_scores},
+        **{f"best_{k}": best.get(k) for k in scores + val_scores},
         "final_per_class_acc": last["per_class_acc"],
         **{f"final_{k}": last[k] for k in ("many_acc", "medium_acc", "few_acc")},
         **{f"best_{k}": best[k] for k in ("many_acc", "medium_acc", "few_acc")},
+        "classes": data.classes,
         "train_class_counts": data.counts,
         "noise": str(cfg.noise),
         "noise_rate": cfg.noise_rate,
@@ -340,6 +380,7 @@ def summarise(run: Run, state: dict, tally: Tally) -> dict:
         **({f"final_{k}": last[k] for k in NOISE_KEYS} if noise_diagnosed else {}),
         "weight_fn_losses": WEIGHT_FN_LOSSES,
         "meta_size": len(data.meta),
+        "val_size": len(data.val) if data.val is not None else 0,
         "test_size": len(data.test),
         "iterations": cfg.train_iters,
         "wall_time_s": tally.elapsed_s,
@@ -349,11 +390,47 @@ def summarise(run: Run, state: dict, tally: Tally) -> dict:
         "skipped_steps": int(state["scaler"]["skipped"]) if cfg.fp16 else 0,
     }
     (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if "confusion" in last:  # (not in a checkpoint of an earlier release)
+        write_class_tables(run.out_dir, data, last)
     return summary
 
 
+def write_class_tables(out_dir: Path, data, last: dict) -> None:
+    """per_class.csv (each class: its training and test images, precision, recall, F1,
+    accuracy) and confusion.csv (rows: true class, columns: predicted; counts)."""
+    test_counts = [sum(row) for row in last["confusion"]]
+    with open(out_dir / PER_CLASS, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["class", "name", "train_images", "test_images", "precision", "recall", "f1"])
+        for c, name in enumerate(data.classes):
+            w.writerow(
+                [
+                    c,
+                    name,
+                    data.counts[c],
+                    test_counts[c],
+                    *(f"{last[k][c]:.6f}" for k in ("precision", "recall", "f1")),
+                ]
+            )
+    with open(out_dir / CONFUSION, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["true \\ predicted", *data.classes])
+        for name, row in zip(data.classes, last["confusion"]):
+            w.writerow([name, *row])
+
+
 def result_line(summary: dict) -> str:
-    return (
-        f"IF {summary['imbalance']:g} || Best Acc.: {summary['best_test_acc']:.2f} || "
+    """The run's one line: the imbalance, the best test accuracy (saying what "best" was chosen
+    on), the final test accuracy and, when known, the final balanced accuracy."""
+    if summary.get("imbalance") is None and "imbalance_ratio" in summary:
+        imbalance = f"{summary['imbalance_ratio']:.4g} (the data's own)"
+    else:
+        imbalance = f"{summary['imbalance']:g}"
+    on = "at the best val acc" if summary.get("best_on") == "val" else "on test"
+    line = (
+        f"IF {imbalance} || Best Acc. ({on}): {summary['best_test_acc']:.2f} || "
         f"Final Acc.: {summary['final_test_acc']:.2f}"
     )
+    if summary.get("final_test_balanced_acc") is not None:
+        line += f" || Balanced Acc.: {summary['final_test_balanced_acc']:.2f}"
+    return line
