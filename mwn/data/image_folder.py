@@ -230,6 +230,15 @@ def _decode(path: Path, image_size: int | None) -> np.ndarray:
         raise DataError(f"{path}: not a readable PNG or JPEG image ({reason})") from e
 
 
+def decode_image(path: Path, image_size: int | None = None, grey: bool = False) -> np.ndarray:
+    """One image decoded as the folder's images are (uint8 (H, W) if greyscale, else (H, W, 3);
+    resized when image_size is set); with `grey`, a colour image is converted to grey (PIL's L)."""
+    a = _decode(path, image_size)
+    if grey and a.ndim == 3:
+        a = np.asarray(Image.fromarray(a, mode="RGB").convert("L"), dtype=np.uint8)
+    return a
+
+
 def _decode_all(
     root: Path, splits: dict[str, _Split], image_size: int | None, progress: bool
 ) -> dict[str, torch.Tensor]:

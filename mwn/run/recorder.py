@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hydra.utils import to_absolute_path
 
 from mwn.config import ConfigError
 from mwn.run import checkpoint, folder
@@ -35,6 +36,7 @@ from mwn.run.files import (
 from mwn.run.folder import NonFinite
 from mwn.run.model import model_name
 from mwn.run.monitor import Progress, TensorBoard
+from mwn.run.trained import export_model
 
 log = logging.getLogger(__name__)
 
@@ -374,6 +376,13 @@ def summarise(run: Run, state: dict, tally: Tally) -> dict:
         **{f"best_{k}": best[k] for k in ("many_acc", "medium_acc", "few_acc")},
         "classes": data.classes,
         "train_class_counts": data.counts,
+        "dataset_root": str(Path(to_absolute_path(str(cfg.dataset.root))).resolve()),
+        "preprocess": {
+            "image_size": cfg.dataset.image_size,
+            "shape": list(data.train.x.shape[1:]),
+            "mean": data.mean,
+            "std": data.std,
+        },
         "noise": str(cfg.noise),
         "noise_rate": cfg.noise_rate,
         "corrupted_fraction": data.noise["corrupted_fraction"],
@@ -392,6 +401,7 @@ def summarise(run: Run, state: dict, tally: Tally) -> dict:
     (run.out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
     if "confusion" in last:  # (not in a checkpoint of an earlier release)
         write_class_tables(run.out_dir, data, last)
+    export_model(run.out_dir, run.model, state, cfg, data)
     return summary
 
 
