@@ -7,7 +7,8 @@ is a pure function of explicit state, vmappable over runs.
 Layers, each importing only what it stands on: mwn.core (one iteration as pure functions of
 explicit state), mwn.data (files to device-resident seeded batches), mwn.run (one run or a
 vectorised group and its folder), mwn.report (reading run folders back), mwn.api (the library).
-Entry points: python -m mwn.train | report | compare | bench.
+`load_model(run_dir)`: a finished run's classifier, in eval mode.
+Entry points: python -m mwn.train | predict | weights | report | compare | bench.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ _EXPORTS = {
     "adopt": "mwn.core.adopt",
     "hyperparams": "mwn.api.functional",
     "init_state": "mwn.api.functional",
+    "load_model": "mwn.run.trained",
     "step_fn": "mwn.api.functional",
 }
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "adopt",
     "hyperparams",
     "init_state",
+    "load_model",
     "step_fn",
 ]
 
@@ -49,6 +52,7 @@ if TYPE_CHECKING:
     from mwn.core.methods import METHODS
     from mwn.core.models import MetaNet
     from mwn.core.step import StepHP
+    from mwn.run.trained import load_model
 
 
 def __getattr__(name: str):

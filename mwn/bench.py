@@ -21,6 +21,11 @@ the time to draw one augmented batch from the device-resident dataset.
 With --runs K1,K2,... each variant is also timed as a vectorised group of K runs (the step of
 hydra/launcher=vmap, mwn.run.group: K states, K different batches, one vmapped step), reported as
 "VARIANT xK": ms per group iteration, ms per run, and runs per second over K single runs'.
+
+With --stream, drawing one augmented batch is also timed from a temporary folder of random JPEG
+files of the --shape (--stream-images of them), held on the device against streamed from disk
+by --stream-workers DataLoader workers (mwn.data.streaming): images per second each, and the
+ratio of their times; --warmup batches untimed, then --iters batches back to back.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from mwn.config import compose_config
 from mwn.core.methods import METHODS
@@ -43,6 +50,7 @@ from mwn.core.models import ResNet, extract_state
 from mwn.core.optim import adam_init
 from mwn.core.step import StepHP, init_state
 from mwn.data.batches import DeviceImages, Sampler
+from mwn.data.streaming import FileImages, StreamedImages, probe_files
 from mwn.run.accel import channels_last, make_step
 from mwn.run.build import new_meta_net
 from mwn.run.group import PER_RUN_HP, group_state, meta_shapes, stack, vectorised
@@ -85,6 +93,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="",
         help="K1,K2,...: also time each variant as a vectorised group of K runs (e.g. 1,4,16)",
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="also time drawing a batch from JPEG files streamed from disk (mwn.data.streaming)",
+    )
+    p.add_argument("--stream-images", type=int, default=2000, help="JPEGs written for --stream")
+    p.add_argument("--stream-workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--json", default="bench.json", help="where to write the results")
     p.add_argument(
         "overrides",
@@ -108,6 +123,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--runs {args.runs}: allowed values are run counts, e.g. 1,4,16")
     if any(k < 1 for k in args.runs):
         p.error(f"--runs {args.runs}: allowed values are >= 1")
+    if args.stream and not args.batch_size <= args.stream_images:
+        p.error(f"--stream-images {args.stream_images}: allowed values are >= --batch-size")
+    if args.stream_workers < 0:
+        p.error(f"--stream-workers {args.stream_workers}: allowed values are >= 0")
     if args.compile or args.cuda_graphs or args.channels_last:  # the wrapper runs eager, NCHW
         args.variants = ",".join(v for v in args.variants.split(",") if v != "reweighter")
     if (args.fp16 or args.bf16) and "double_backward" in args.variants.split(","):
@@ -254,6 +273,56 @@ def time_variants(args: argparse.Namespace, env: dict) -> dict[str, list[float]]
     return times
 
 
+def time_streaming(args: argparse.Namespace) -> dict:
+    """Drawing one augmented training batch (padding 4, flips) from random JPEGs of --shape held
+    on the device, and from the same files streamed by --stream-workers DataLoader workers
+    (decoding read ahead along the sampler's batches): ms per batch (mean over --iters batches
+    back to back, after --warmup), images per second, and the streamed time over the device one."""
+    device = torch.device(args.device)
+    c, h, w = (int(v) for v in args.shape.split(","))
+    n, size = args.stream_images, args.batch_size
+    gen = torch.Generator().manual_seed(0)
+    with tempfile.TemporaryDirectory(prefix="mwn-bench-") as tmp:
+        files = []
+        for i in range(n):
+            pixels = torch.randint(0, 256, (h, w, c), dtype=torch.uint8, generator=gen).numpy()
+            files.append(Path(tmp) / f"{i:05d}.jpg")
+            Image.fromarray(pixels[..., 0] if c == 1 else pixels).save(files[-1], quality=90)
+        channels, hw = probe_files(files, None)
+        images = FileImages(files, None, channels, hw)
+        labels = torch.randint(0, args.classes, (n,), generator=gen)
+        mean, std = [0.5] * channels, [0.25] * channels
+        on_device = DeviceImages(images.load(), labels, mean, std, device)
+        streamed = StreamedImages(images, labels, mean, std, device, workers=args.stream_workers)
+        sampler = Sampler(n, size, 0, Stream.TRAIN_BATCHES, "--batch-size")
+        rounds = args.warmup + args.iters
+        ms = {}
+        with streamed:
+            for name, data in (("device", on_device), ("streamed", streamed)):
+                if data is streamed:  # the workers start now: no reading ahead while idle
+                    streamed.plan(sampler.indices, 0, rounds)
+                for k in range(rounds):
+                    if k == args.warmup:
+                        sync(device)
+                        t0 = time.perf_counter()
+                    gen_k = step_generator(0, Stream.TRAIN_AUG, k, device)
+                    data.batch(sampler.indices(k), 4, True, gen_k)
+                sync(device)
+                ms[name] = 1000 * (time.perf_counter() - t0) / args.iters
+            planned = streamed.hits
+    return {
+        "images": n,
+        "image_shape": [channels, *hw],
+        "batch_size": size,
+        "workers": args.stream_workers,
+        "batches": args.iters,
+        "planned_batches_used": planned,
+        "ms_per_batch": ms,
+        "images_per_s": {k: 1000 * size / v for k, v in ms.items()},
+        "streamed_over_device": ms["streamed"] / ms["device"],
+    }
+
+
 def peak_memory_mb(env: dict, variant: str) -> float:
     """Extra peak memory of one (warmed-up) iteration over what was allocated before it, in MB:
     CUDA from the allocator's peak; CPU from the profiler's allocation events, summed in time
@@ -319,6 +388,8 @@ def main(argv: list[str] | None = None) -> dict:
             for name in env["calls"]
             if " x" in name
         }
+    if args.stream:
+        report["stream"] = time_streaming(args)
     if memory.get("erm"):
         report["memory_ratio_to_erm"] = {k: v / memory["erm"] for k, v in memory.items()}
     print_report(args, report)
@@ -364,6 +435,20 @@ def print_report(args: argparse.Namespace, report: dict) -> None:
     for name in ("mwn_adamw", "reweighter"):
         if f"{name}_over_mwn" in report:
             print(f"{name} / mwn: {report[f'{name}_over_mwn']:.3f}")
+    if "stream" in report:
+        st = report["stream"]
+        print(
+            f"one augmented batch of {st['batch_size']} from {st['images']} JPEGs "
+            f"({'x'.join(map(str, st['image_shape']))}), mean of {st['batches']} batches:"
+        )
+        for name, what in (("device", "on the device"), ("streamed", "streamed from disk")):
+            n = st["workers"]
+            workers = f", {n} worker{'s' * (n != 1)}" if name == "streamed" else ""
+            print(
+                f"  {what + workers:30s} {st['ms_per_batch'][name]:9.3f} ms "
+                f"{st['images_per_s'][name]:12.0f} images/s"
+            )
+        print(f"  streamed / device time: {st['streamed_over_device']:.1f}")
     print(f"wrote {args.json}")
 
 

@@ -52,6 +52,7 @@ Logger = Choice("Logger", [(v, v) for v in ("none", "tensorboard")])
 Progress = Choice("Progress", [(v, v) for v in ("auto", "bar", "log", "none")])
 Optimizer = Choice("Optimizer", [(v, v) for v in OPTIMIZERS])
 DatasetName = Choice("DatasetName", [(v, v) for v in READERS])
+DataLoad = Choice("DataLoad", [(v, v) for v in ("auto", "memory", "stream")])
 
 
 @dataclass
@@ -64,6 +65,10 @@ class DatasetConfig:
     std: Optional[list[float]] = MISSING  # noqa: UP045  computed from the training split
     crop_padding: int = MISSING  # random crop with this zero padding (pixels); 0 = none
     flip: bool = MISSING  # random horizontal flip
+    # image_folder: decoded into memory, or streamed from disk by DataLoader workers
+    load: DataLoad = DataLoad.auto  # auto: stream when decoded it exceeds memory_budget_gb
+    memory_budget_gb: float = 8.0
+    workers: int = 2  # decoding processes of the streaming path
 
 
 @dataclass
@@ -301,6 +306,14 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     )
     need(0 < cfg.adam_eps < float("inf"), "adam_eps", "real numbers > 0")
     need(cfg.dataset.crop_padding >= 0, "dataset.crop_padding", "integers >= 0")
+    need(
+        cfg.dataset.load != "stream" or cfg.dataset.name == "image_folder",
+        "dataset.load",
+        "auto | memory (only dataset=image_folder streams from disk)",
+    )
+    budget = cfg.dataset.memory_budget_gb
+    need(finite(budget) and budget > 0, "dataset.memory_budget_gb", "finite real numbers > 0")
+    need(0 <= cfg.dataset.workers <= 256, "dataset.workers", "integers in [0, 256]")
     size = cfg.dataset.image_size
     need(size is None or size >= 1, "dataset.image_size", "null or integers >= 1")
     need(

@@ -279,3 +279,32 @@ def test_weights_of_a_run_without_a_meta_net_rank_by_loss(tmp_path):
     table = rows(out / "weights.csv")
     losses = [float(r["loss"]) for r in table]
     assert losses == sorted(losses, reverse=True) and all(r["weight"] == "" for r in table)
+
+
+def test_a_streamed_run_is_the_in_memory_run(tmp_path, caplog):
+    """dataset.load=stream: the same batches (images, crops, flips) decoded by DataLoader
+    workers, so the same losses; each run says which path it takes and why."""
+    root = tmp_path / "flowers"
+    write_folder(root, LONG_TAILED)
+    runs = {}
+    for load in ("memory", "stream", "auto"):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="mwn"):
+            out = tmp_path / load
+            args = ["meta_per_class=2", "train_iters=6", "val_every=3", "log_every=1"]
+            args += ["dataset.crop_padding=2", "dataset.flip=true", f"dataset.load={load}"]
+            train(cfg_for(root, *args, "dataset.workers=1"), out)
+        runs[load] = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("data ")]
+        expected = {
+            "memory": "data in memory (dataset.load=memory)",
+            "stream": "data streamed from disk, decoded by dataset.workers=1 (dataset.load=stream)",
+            "auto": "data in memory: decoded it takes 3.26e-06 GB, within "
+            "dataset.memory_budget_gb=8 (dataset.load=auto)",
+        }[load]
+        assert said == [expected]
+    for a, b in zip(runs["memory"], runs["stream"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a.get("test_acc") == b.get("test_acc")
+    assert len(runs["memory"]) == len(runs["stream"]) == 6
+    assert runs["auto"] == runs["memory"]  # a small folder stays in memory

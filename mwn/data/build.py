@@ -18,6 +18,13 @@ from mwn.data.images import DataError, ImageSet, channel_stats
 from mwn.data.noise import apply_noise
 from mwn.data.readers import load_dataset
 from mwn.data.splits import make_long_tail, split_meta, split_per_class
+from mwn.data.streaming import (
+    FileImages,
+    StreamedImages,
+    decoded_bytes,
+    file_channel_stats,
+    stream_image_folder,
+)
 
 log = logging.getLogger(__name__)
 NOISE_PROBE = 1000  # training samples on which clean and corrupted weights are compared
@@ -29,15 +36,19 @@ class Data:
 
     name: str
     num_classes: int
-    train: DeviceImages  # long-tailed (or as the data is), with noisy labels where asked
+    train: (
+        DeviceImages | StreamedImages
+    )  # long-tailed (or as the data is), with noisy labels where asked
     meta: DeviceImages  # clean, disjoint from train: drawn per class, or the folder's meta/
-    test: DeviceImages
+    test: DeviceImages | StreamedImages
     counts: list[int]  # training images per class
     noisy: torch.Tensor  # (len(train),) bool: the label was corrupted
     noise: dict  # what noise.json holds
     probe: DeviceImages | None = None  # label noise: training samples whose weights are watched
     probe_noisy: torch.Tensor | None = None
-    val: DeviceImages | None = None  # the validation set: the folder's val/ or val_per_class
+    val: DeviceImages | StreamedImages | None = (
+        None  # the validation set: the folder's val/ or val_per_class
+    )
     classes: list[str] | None = None  # class names, in index order
     train_index: torch.Tensor | None = None  # each training image's index in the dataset's
     # training split (its files: train_files[i])
@@ -60,14 +71,22 @@ def build_data(cfg: DictConfig, device: torch.device) -> Data:
         images.train_y[train_idx], train_idx, C, str(cfg.noise), cfg.noise_rate, cfg.seed
     )
 
-    def on_device(x: torch.Tensor, y: torch.Tensor) -> DeviceImages:
-        return DeviceImages(x, y, mean, std, device, channels_last=cfg.channels_last)
+    def on_device(x, y: torch.Tensor, resident: bool = False) -> DeviceImages | StreamedImages:
+        """The set on the device, or streamed from disk (a small set: loaded, `resident`)."""
+        if isinstance(x, FileImages):
+            if not resident:
+                workers = cfg.dataset.workers
+                return StreamedImages(x, y, mean, std, device, channels_last=cl, workers=workers)
+            x = x.load()
+        return DeviceImages(x, y, mean, std, device, channels_last=cl)
+
+    cl = cfg.channels_last
 
     train_set = on_device(images.train_x[train_idx], train_y)
     if images.meta is not None:
-        meta_set = on_device(images.meta.x, images.meta.y)
+        meta_set = on_device(images.meta.x, images.meta.y, resident=True)
     else:
-        meta_set = on_device(images.train_x[meta_idx], images.train_y[meta_idx])
+        meta_set = on_device(images.train_x[meta_idx], images.train_y[meta_idx], resident=True)
     val_set = None
     if images.val is not None:
         val_set = on_device(images.val.x, images.val.y)
@@ -95,7 +114,7 @@ def build_data(cfg: DictConfig, device: torch.device) -> Data:
         # a fixed subset of the training set on which clean and noisy weights are compared
         g = seeds.generator(cfg.seed, "noise_probe")
         probe = torch.randperm(len(train_set), generator=g)[:NOISE_PROBE].sort().values
-        data.probe = on_device(images.train_x[train_idx[probe]], train_y[probe])
+        data.probe = on_device(images.train_x[train_idx[probe]], train_y[probe], resident=True)
         data.probe_noisy = noisy[probe]
     return data
 
@@ -126,16 +145,44 @@ def _split(
 
 
 def read_images(cfg: DictConfig) -> tuple[ImageSet, list[float], list[float]]:
-    """The dataset as read from disk, and its normalisation mean and std (computed from the
-    whole training split when the config gives none)."""
+    """The dataset as read from disk (an image folder's images left on disk when it streams),
+    and its normalisation mean and std (computed from the whole training split when the config
+    gives none)."""
     d, tty = cfg.dataset, sys.stderr.isatty()
     bar = cfg.progress == "bar" or (cfg.progress == "auto" and tty)
-    images = load_dataset(str(d.name), to_absolute_path(d.root), d.download, d.image_size, bar)
+    root = to_absolute_path(d.root)
+    if d.name == "image_folder" and _streams(d, root):
+        images = stream_image_folder(root, d.image_size)
+    else:
+        images = load_dataset(str(d.name), root, d.download, d.image_size, bar)
     if d.mean is not None:
         return images, list(d.mean), list(d.std)
-    mean, std = channel_stats(images.train_x)
+    if isinstance(images.train_x, FileImages):
+        mean, std = file_channel_stats(images.train_x, d.workers)
+    else:
+        mean, std = channel_stats(images.train_x)
     rounded = lambda v: [round(x, 4) for x in v]
     log.info(
         f"dataset.mean={rounded(mean)} dataset.std={rounded(std)}: computed from the training split"
     )
     return images, mean, std
+
+
+def _streams(d: DictConfig, root: str) -> bool:
+    """Whether an image folder streams from disk; says which path the run takes and why."""
+    if d.load == "memory":
+        log.info("data in memory (dataset.load=memory)")
+        return False
+    if d.load == "stream":
+        log.info(
+            f"data streamed from disk, decoded by dataset.workers={d.workers} (dataset.load=stream)"
+        )
+        return True
+    size = decoded_bytes(root, d.image_size) / 1e9
+    stream = size > d.memory_budget_gb
+    log.info(
+        f"data {'streamed from disk' if stream else 'in memory'}: decoded it takes {size:.3g} GB, "
+        f"{'over' if stream else 'within'} dataset.memory_budget_gb={d.memory_budget_gb:g} "
+        "(dataset.load=auto)"
+    )
+    return stream

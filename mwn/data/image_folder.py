@@ -79,26 +79,8 @@ def load_image_folder(
     ImageSet named after the folder, from the cache when the folder has not changed since it was
     written (see the module docstring)."""
     root = Path(root).expanduser()
-    if not root.is_dir():
-        raise DataError(f"{root}: image folder not found ({LAYOUT})")
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise DataError(f"{root}: not an image folder, no {split}/ folder in it; {LAYOUT}")
-    classes = _classes(root / "train")
-    names = ["train", "test", *(s for s in OPTIONAL_SPLITS if (root / s).is_dir())]
-    for split in names[1:]:
-        present = _classes(root / split)
-        for name in present:
-            if name not in classes:
-                raise DataError(
-                    f"{root / split / name}: {split} class {name!r} has no folder in "
-                    f"{root / 'train'}"
-                )
-        for name in classes:
-            if name not in present:
-                log.warning("%s: class %r has no %s images", root / split, name, split)
-    splits = {split: _list_split(root / split, classes) for split in names}
-
+    classes, splits = list_image_folder(root)
+    names = list(splits)
     key = _cache_key(root, splits, image_size)
     stem = f"{_safe(root.resolve().name)}-{image_size or 'native'}-{key[:20]}"
     dirs = [Path(cache_dir).expanduser()] if cache_dir is not None else _default_cache_dirs(root)
@@ -139,6 +121,30 @@ def load_image_folder(
 
 
 # ---------------------------------------------------------------- the folder's files
+
+
+def list_image_folder(root: Path) -> tuple[list[str], dict[str, _Split]]:
+    """The class names and each split's image files and labels (train, test, then meta and val
+    when there), the layout rules checked (see the module docstring)."""
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found ({LAYOUT})")
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise DataError(f"{root}: not an image folder, no {split}/ folder in it; {LAYOUT}")
+    classes = _classes(root / "train")
+    names = ["train", "test", *(s for s in OPTIONAL_SPLITS if (root / s).is_dir())]
+    for split in names[1:]:
+        present = _classes(root / split)
+        for name in present:
+            if name not in classes:
+                raise DataError(
+                    f"{root / split / name}: {split} class {name!r} has no folder in "
+                    f"{root / 'train'}"
+                )
+        for name in classes:
+            if name not in present:
+                log.warning("%s: class %r has no %s images", root / split, name, split)
+    return classes, {split: _list_split(root / split, classes) for split in names}
 
 
 def _hidden(name: str) -> bool:

@@ -4,7 +4,8 @@ extra). Uses matplotlib's object API only: no pyplot, no global backend state.
 - weight_fn.png: the learned weighting function, weight against loss, at several points in
   training (the MWN paper's figure);
 - accuracy.png: test accuracy over training, overall and by shot group;
-- per_class.png: final accuracy of each class, beside its number of training images;
+- per_class.png: final accuracy of each class (by name), beside its number of training images;
+- confusion.png: the final test confusion matrix, each row as fractions of its true class;
 - weights_hist.png: the meta-net's weights for the latest training batch, by the frequency of the
   sample's class (and by clean / corrupted label where labels were corrupted);
 - noise_weights.png (label noise): mean weight of clean and of corrupted samples over training,
@@ -13,6 +14,7 @@ extra). Uses matplotlib's object API only: no pyplot, no global backend state.
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 
-from mwn.run.files import METRICS, SHOT_GROUPS, SUMMARY, WEIGHT_FN_LOSSES, shot_group
+from mwn.run.files import CONFUSION, METRICS, SHOT_GROUPS, SUMMARY, WEIGHT_FN_LOSSES, shot_group
 
 DPI = 120
 SHOT_LABELS = {"many": "many-shot (> 100)", "medium": "medium (20-100)", "few": "few-shot (< 20)"}
@@ -43,7 +45,10 @@ def plot_run(folder: Path) -> list[Path]:
     title = f"{summary.get('dataset', folder.name)} {summary.get('method', '')}".strip()
     out = [_accuracy(folder / "accuracy.png", evals, title)]
     if "per_class_acc" in evals[-1]:
-        out.append(_per_class(folder / "per_class.png", evals[-1], counts, title))
+        names = summary.get("classes")
+        out.append(_per_class(folder / "per_class.png", evals[-1], counts, names, title))
+    if (folder / CONFUSION).is_file():
+        out.append(_confusion(folder / "confusion.png", folder / CONFUSION, title))
     if "weight_fn" in evals[-1]:
         losses = summary.get("weight_fn_losses", WEIGHT_FN_LOSSES)
         out.append(_weight_fn(folder / "weight_fn.png", evals, losses, title))
@@ -105,7 +110,9 @@ def _accuracy(path: Path, evals: list[dict], title: str) -> Path:
     return _save(fig, path)
 
 
-def _per_class(path: Path, last: dict, counts: list[int] | None, title: str) -> Path:
+def _per_class(
+    path: Path, last: dict, counts: list[int] | None, names: list[str] | None, title: str
+) -> Path:
     acc = last["per_class_acc"]
     fig = Figure(figsize=(max(5, 0.12 * len(acc) + 2), 3.6))
     ax = fig.add_subplot()
@@ -116,11 +123,39 @@ def _per_class(path: Path, last: dict, counts: list[int] | None, title: str) -> 
         ylim=(0, 100),
         title=f"{title}: per class at iteration {last['iter']}",
     )
+    if names and len(names) <= 30:  # more would not be legible
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     if counts:
         ax2 = ax.twinx()
         ax2.plot(range(len(counts)), counts, "o-", color="tab:orange", markersize=3)
         ax2.set_yscale("log")
         ax2.set_ylabel("training images", color="tab:orange")
+    return _save(fig, path)
+
+
+def _confusion(path: Path, table: Path, title: str) -> Path:
+    """confusion.csv drawn: rows true classes, columns predicted, each row normalised."""
+    with open(table, newline="") as f:
+        rows = list(csv.reader(f))
+    names = rows[0][1:]
+    counts = np.array([[int(v) for v in r[1:]] for r in rows[1:]], dtype=float)
+    share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    side = max(4.0, 0.3 * len(names) + 2)
+    fig = Figure(figsize=(side + 1, side))
+    ax = fig.add_subplot()
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set(xlabel="predicted", ylabel="true", title=f"{title}: test confusion")
+    if len(names) <= 30:
+        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+    if len(names) <= 12:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                color = "white" if share[i, j] > 0.5 else "black"
+                ax.text(
+                    j, i, f"{int(counts[i, j])}", ha="center", va="center", fontsize=7, color=color
+                )
     return _save(fig, path)
 
 

@@ -42,9 +42,12 @@ HEADS = {
     "final_many_acc": "many",
     "final_medium_acc": "medium",
     "final_few_acc": "few",
+    "final_test_balanced_acc": "balanced",
     "final_noise_auc": "noise AUC",
 }
-OPTIONAL = ("final_noise_auc",)  # shown when some job has it (label-noise runs of MWN)
+# shown when some job has them: balanced accuracy (runs of this release on), noise AUC
+# (label-noise runs of MWN)
+OPTIONAL = ("final_test_balanced_acc", "final_noise_auc")
 # what a job ran, from its summary.json (defaults included): the key of the published accuracy
 RUN_KEYS = ("dataset", "model", "imbalance", "train_per_class", "noise", "noise_rate", "method")
 PAPER_FIELDS = ("paper_test_acc", "delta_to_paper")  # CSV columns with --paper

@@ -22,6 +22,7 @@ from mwn.core.step import StepHP, init_state
 from mwn.core.sums import LOCAL, AllReduce
 from mwn.data.batches import Sampler
 from mwn.data.build import Data, build_data
+from mwn.data.streaming import StreamedImages
 from mwn.run.accel import channels_last, make_step
 from mwn.run.folder import check_resumable, run_folder
 from mwn.run.model import build_model, model_name
@@ -156,6 +157,12 @@ class Batches:
         )
         self.aug = (cfg.dataset.crop_padding, cfg.dataset.flip)
         self.rows, self.meta_rows = ranks.shard(cfg.batch_size), ranks.shard(cfg.meta_batch_size)
+
+    def plan(self, start: int, end: int) -> None:
+        """A training set streamed from disk decodes the batches of iterations start..end-1
+        ahead, in its workers (the order is a pure function of the iteration)."""
+        if isinstance(self.data.train, StreamedImages):
+            self.data.train.plan(self.train.indices, start, end, rows=self.rows)
 
     def __call__(self, it: int) -> tuple[tuple, tuple | None, torch.Tensor]:
         """(this rank's training batch, its meta batch or None when the method reads none or

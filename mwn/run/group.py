@@ -40,6 +40,7 @@ VECTORISED = {
     "noise",
     "noise_rate",
     "meta_per_class",
+    "val_per_class",
     "train_per_class",
     "lr",
     "lr_milestones",

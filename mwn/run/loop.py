@@ -127,6 +127,8 @@ def loop(members: list[Member], runs, stop: StopFlag, progress: Progress | None)
     isolated = members[0].isolated
     start, end = members[0].tally.start, max(m.run.cfg.train_iters for m in members)
     state = runs.state
+    for m in members:  # a training set streamed from disk decodes ahead
+        m.run.batches.plan(start, m.run.cfg.train_iters)
     try:
         for it in range(start, end):
             # every run's learning rate and batches (seeded by iteration: replayable); finished
