@@ -1,6 +1,6 @@
 """`python -m mwn.compare RUN_A RUN_B`: do two run folders hold the same run, bit for bit?
 
-Compared: every line of metrics.jsonl, summary.json (wall time aside), noise.json, and the newest
+Compared: every line of metrics.jsonl, summary.json (wall time and the data's absolute path aside), noise.json, and the newest
 checkpoint of each (every tensor of the training state with torch.equal, the best and latest
 validation, the iteration, the RNG states). Names of earlier releases are read as today's
 (`acc`, `final_acc`, `best_acc` -> `test_acc`, `final_test_acc`, `best_test_acc`), so a run
@@ -20,7 +20,9 @@ import torch
 from mwn.run import checkpoint
 from mwn.run.files import METRICS, NOISE, SUMMARY, current_names
 
-NOT_COMPARED = {"wall_time_s"}  # summary.json fields that measure the clock
+# summary.json fields that say where and how fast, not what: the clock, and the data folder
+# (the same data read from another place is the same run)
+NOT_COMPARED = {"wall_time_s", "dataset_root"}
 
 
 def _records(path: Path) -> list:
