@@ -1,11 +1,11 @@
 """`python -m mwn.compare RUN_A RUN_B`: do two run folders hold the same run, bit for bit?
 
-Compared: every line of metrics.jsonl, summary.json (wall time and the data's absolute path aside), noise.json, and the newest
-checkpoint of each (every tensor of the training state with torch.equal, the best and latest
-validation, the iteration, the RNG states). Names of earlier releases are read as today's
-(`acc`, `final_acc`, `best_acc` -> `test_acc`, `final_test_acc`, `best_test_acc`), so a run
-written before a rename compares with one written after it. Exits 0 when the runs are the same,
-1 with the differences listed when not.
+Compared: every line of metrics.jsonl, summary.json (wall time and the data's absolute path
+aside), noise.json, and the newest checkpoint of each (every tensor of the training state with
+torch.equal, the best and latest validation, the iteration, the RNG states). Names of earlier
+releases are read as today's (`acc`, `final_acc`, `best_acc` -> `test_acc`, `final_test_acc`,
+`best_test_acc`), so a run written before a rename compares with one written after it. Exits 0
+when the runs are the same, 1 with the differences listed when not.
 """
 
 from __future__ import annotations
