@@ -1,7 +1,9 @@
 """Runs that survive: atomic checkpoints, exact resume after SIGKILL, SIGTERM, corrupt files."""
 
 import contextlib
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -429,7 +431,7 @@ def test_a_refused_resume_leaves_the_folders_hydra_files_as_they_were(tmp_path):
     args = ["val_every=10", "checkpoint_every=10", "model.width=4", f"hydra.run.dir={folder}"]
     first = run_cli(*args, "train_iters=20", cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    before = hydra_files(folder)
+    before, log = hydra_files(folder), (folder / "train.log").read_bytes()
     assert sorted(before) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     for change, message in [
         (
@@ -444,6 +446,7 @@ def test_a_refused_resume_leaves_the_folders_hydra_files_as_they_were(tmp_path):
         assert len(errors) == 1 and message in errors[0], refused.stderr
         assert "Traceback" not in refused.stderr
         assert hydra_files(folder) == before, change
+        assert (folder / "train.log").read_bytes() == log, change  # its lines: console only
     # an accepted resume describes itself, and keeps that in its checkpoints
     resumed = run_cli(*args, "train_iters=30", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -468,7 +471,8 @@ def test_every_refused_attempt_leaves_the_folders_hydra_files_as_its_checkpoints
     metrics.jsonl or another run holding the folder puts them back."""
     folder = tmp_path / "run"
     hydra_writes(folder, "first")
-    train(make_cfg(*FAST), folder)
+    with log_to(folder / "train.log"):
+        train(make_cfg(*FAST), folder)
     before = hydra_files(folder)
     hydra_writes(folder, "refused")
     more = [*FAST, "train_iters=40"]  # a longer schedule: an accepted resume
@@ -481,9 +485,126 @@ def test_every_refused_attempt_leaves_the_folders_hydra_files_as_its_checkpoints
     if refusal == "metrics":
         (folder / "metrics.jsonl").write_bytes(b"")
     held = hold(folder) if refusal == "lock" else contextlib.nullcontext()
-    with held, pytest.raises(error, match=match):
+    log = (folder / "train.log").read_bytes()
+    with held, log_to(folder / "train.log"), pytest.raises(error, match=match):
         train(make_cfg(*attempt), folder)
     assert hydra_files(folder) == before
+    assert (folder / "train.log").read_bytes() == log  # nothing of the refused attempt
+
+
+@contextlib.contextmanager
+def log_to(path: Path, handler: logging.Handler | None = None):
+    """The run's train.log, as Hydra's file handler writes it, for the block."""
+    handler = handler or logging.FileHandler(path)
+    root = logging.getLogger()
+    level, root.level = root.level, logging.INFO
+    root.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+def test_a_failed_start_in_a_new_folder_keeps_its_log_lines(tmp_path):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    with log_to(folder / "train.log"), pytest.raises(ConfigError, match="the step needs logits"):
+        train(make_cfg(*FAST, "+model._target_=torch.nn.Flatten"), folder)
+    assert "digits: 383 train" in (folder / "train.log").read_text()  # what it got to
+
+
+class FullAfter:
+    """A log file's stream on a disk that fills up: whole writes up to `room` bytes, then half
+    of the next one and ENOSPC, as a real full disk does."""
+
+    def __init__(self, path: Path, room: int):
+        self.f, self.room = open(path, "a"), room  # noqa: SIM115 (closed by the handler)
+
+    def write(self, text: str) -> None:
+        if len(text) > self.room:
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self.room -= len(text)
+        self.f.write(text)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def test_a_full_disk_under_the_log_stops_in_one_line_and_keeps_whole_lines(tmp_path):
+    """No `--- Logging error ---` blocks and a run going on without its log: a DiskFull
+    naming train.log, the half line cut back; with space again the same run resumes."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    handler = logging.FileHandler(folder / "train.log", delay=True)
+    handler.stream = FullAfter(folder / "train.log", room=150)
+    with (
+        log_to(folder / "train.log", handler),
+        pytest.raises(
+            CheckpointError,
+            match=r"train.log: cannot append to the log \(No space left on device\)",
+        ),
+    ):
+        train(make_cfg(*FAST), folder)
+    text = (folder / "train.log").read_text()
+    assert text and text.endswith("\n") and 0 < len(text) <= 150
+    train(make_cfg(*FAST), folder)  # space again
+    train(make_cfg(*FAST), tmp_path / "straight")
+    assert_same_run(folder, tmp_path / "straight")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 3 MiB tmpfs (needs root and mount), unmounted after the test."""
+    disk = tmp_path / "small"
+    disk.mkdir()
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path, free_kib: int) -> Path:
+    """Fill the disk up to `free_kib` KiB left."""
+    stat = os.statvfs(disk)
+    size = stat.f_bavail * stat.f_frsize - free_kib * 1024
+    path = disk / "fill"
+    with open(path, "wb") as f:
+        f.write(b"\0" * size)
+    return path
+
+
+@pytest.mark.parametrize("free_kib", [0, 12])
+def test_a_full_real_disk_at_start_up_is_one_line_and_the_rerun_trains(small_disk, free_kib):
+    """No room for Hydra's .hydra/ files (0 KiB), or for the log and the lock (12 KiB): one
+    line naming the file, exit code 2, no traceback; once space is freed the same command
+    trains the run."""
+    args = [*FAST, "train_iters=10", f"hydra.run.dir={small_disk / 'run'}"]
+    filler = fill(small_disk, free_kib)
+    full = run_cli(*args, cwd=small_disk.parent)
+    assert full.returncode == 2, full.stderr
+    errors = [s for s in full.stderr.splitlines() if s.startswith("mwn: error: ")]
+    assert len(errors) == 1 and "No space left on device" in errors[0], full.stderr
+    assert "Traceback" not in full.stderr and "Logging error" not in full.stderr
+    for path in (small_disk / "run").rglob("*.log"):
+        assert path.read_text().endswith("\n") or not path.read_text()
+    filler.unlink()
+    again = run_cli(*args, cwd=small_disk.parent)
+    assert again.returncode == 0, again.stderr
+    assert json.loads((small_disk / "run" / "summary.json").read_text())["iterations"] == 10
 
 
 def test_a_run_puts_its_hydra_files_back_when_it_checkpoints(tmp_path):

@@ -1,14 +1,19 @@
-"""The run folder: where a run lives, the lock that keeps one process in it, the Hydra files a
-refused attempt puts back, and how a run that stops early says so (its errors, error.json).
+"""The run folder: where a run lives, the lock that keeps one process in it, the Hydra files and
+log lines a refused attempt puts back or holds back, and how a run that stops early says so
+(its errors, error.json; a full disk as one line).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterator
+from logging.handlers import MemoryHandler
 from pathlib import Path
 
 from hydra.utils import to_absolute_path
@@ -17,7 +22,7 @@ from omegaconf import DictConfig
 from mwn.config import ConfigError
 from mwn.data.images import DataError
 from mwn.run import checkpoint
-from mwn.run.files import ERROR, HYDRA_DIR, HYDRA_FILES, LOCK
+from mwn.run.files import ERROR, HYDRA_DIR, HYDRA_FILES, LOCK, METRICS
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,24 @@ class Preempted(RuntimeError):
 # the errors of bad settings, data or checkpoints, and divergence: one line, no traceback
 KNOWN_ERRORS = (ConfigError, DataError, checkpoint.CheckpointError, NonFinite)
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFull(checkpoint.CheckpointError):
+    """A write into the run folder (or its log) found no space left."""
+
+
+def disk_full(e: Exception, folder: Path) -> Exception:
+    """A full disk met anywhere (the lock, the log, Hydra's files) as one line naming the file;
+    other errors as they are."""
+    if isinstance(e, OSError) and not isinstance(e, DiskFull) and e.errno in DISK_FULL:
+        where = e.filename or folder
+        return DiskFull(
+            f"{where}: cannot write ({e.strerror}); what is written is kept whole: free space "
+            "and rerun the same command to resume"
+        )
+    return e
+
 
 def exit_code(e: Preempted) -> int:
     """128 + the signal that stopped the run, as if it had ended the process."""
@@ -44,9 +67,11 @@ def fail_job(job_dir: Path, e: Exception) -> None:
     unless the folder is another process's (Held): a refused attempt writes nothing there."""
     known = isinstance(e, KNOWN_ERRORS)
     message = str(e) if known else f"{type(e).__name__}: {e}"
+    if isinstance(e, Held):  # not into the holder's train.log
+        print(f"mwn: error: {message}", file=sys.stderr)
+        return
     log.error("mwn: error: %s", message, exc_info=None if known else e)
-    if not isinstance(e, Held):
-        (job_dir / ERROR).write_text(json.dumps({"error": message}) + "\n")
+    (job_dir / ERROR).write_text(json.dumps({"error": message}) + "\n")
 
 
 def clear_error(job_dir: Path) -> None:
@@ -139,3 +164,75 @@ def restore_hydra_files(folder: Path) -> None:
         return
     if ckpt is not None:
         write_hydra_files(folder, ckpt.get("hydra_files", {}))
+
+
+def holds_a_run(folder: Path) -> bool:
+    """Whether an earlier attempt left a run in the folder (its metrics or a checkpoint)."""
+    return (folder / METRICS).exists() or bool(checkpoint.checkpoints(folder))
+
+
+def _file_handlers(path: Path) -> list[tuple[int, logging.FileHandler]]:
+    root = logging.getLogger()
+    return [
+        (i, h)
+        for i, h in enumerate(root.handlers)
+        if isinstance(h, logging.FileHandler) and Path(h.baseFilename) == path.resolve()
+    ]
+
+
+@contextlib.contextmanager
+def held_back_log(folder: Path) -> Iterator[None]:
+    """While a run starts (built, its folder held, resumed), its log lines for the folder's
+    train.log wait in memory: they are written once it has started, or once a start in a folder
+    without an earlier run fails; a refused attempt on an earlier run (its settings, the lock,
+    its checkpoints) adds nothing to that run's log. The console gets every line either way."""
+    root, held = logging.getLogger(), []
+    for i, handler in _file_handlers(folder / "train.log"):
+        waiting = MemoryHandler(10**9, flushLevel=logging.CRITICAL + 1, target=handler)
+        waiting.setLevel(handler.level)
+        root.handlers[i] = waiting
+        held.append((waiting, handler))
+    write = True
+    try:
+        yield
+    except BaseException as e:
+        write = not isinstance(e, Held) and not holds_a_run(folder)
+        raise
+    finally:
+        for waiting, handler in held:
+            root.handlers[root.handlers.index(waiting)] = handler
+            if not write:
+                waiting.buffer.clear()
+            waiting.flush()  # into the file handler (a full disk: DiskFull from there)
+            waiting.target = None
+
+
+def stop_on_full_disk(handler: logging.FileHandler) -> None:
+    """A log file that meets a full disk stops the run with one line (DiskFull), cut back to
+    its last whole line, instead of logging's `--- Logging error ---` blocks and a run that
+    goes on without its log."""
+
+    def handle_error(record: logging.LogRecord) -> None:
+        e = sys.exc_info()[1]
+        if not (isinstance(e, OSError) and e.errno in DISK_FULL):
+            return logging.Handler.handleError(handler, record)
+        logging.getLogger().removeHandler(handler)
+        stream, handler.stream = handler.stream, None
+        with contextlib.suppress(OSError):
+            stream.close()  # its buffer cannot be written; the file is closed all the same
+        path = Path(handler.baseFilename)
+        data = path.read_bytes()
+        with open(path, "r+b") as f:  # truncating needs no space
+            f.truncate(data.rfind(b"\n") + 1)
+        raise DiskFull(
+            f"{path}: cannot append to the log ({e.strerror}); the file is kept whole up to its "
+            "last line: free space and rerun the same command to resume"
+        ) from None
+
+    handler.handleError = handle_error
+
+
+def stop_logs_on_full_disk(folder: Path) -> None:
+    """stop_on_full_disk for the handlers that write the folder's train.log."""
+    for _, handler in _file_handlers(folder / "train.log"):
+        stop_on_full_disk(handler)

@@ -52,16 +52,19 @@ def start(
     open (metrics.jsonl, progress, checkpoints). A refusal on the way puts back the Hydra files
     the folder's checkpoints kept, releases the folder and raises. label, isolated, on_finish:
     as Recorder's label and Member's fields."""
-    lock = contextlib.ExitStack()
+    lock, out_dir = contextlib.ExitStack(), run_folder(cfg, job_dir)
+    folder.stop_logs_on_full_disk(out_dir)
     try:
-        run = build_run(cfg, job_dir, ranks)
-        if ranks.main:
-            lock.enter_context(folder.hold(run.out_dir))
-        state, tally = resume(run)
-        recorder = Recorder(run, tally, stop, label)
+        with folder.held_back_log(out_dir):
+            run = build_run(cfg, job_dir, ranks)
+            if ranks.main:
+                lock.enter_context(folder.hold(run.out_dir))
+            state, tally = resume(run)
+            recorder = Recorder(run, tally, stop, label)
     except Exception:
         if ranks.main:
-            folder.restore_hydra_files(run_folder(cfg, job_dir))
+            with contextlib.suppress(OSError):  # a full disk: the error that says so goes on
+                folder.restore_hydra_files(out_dir)
         lock.close()
         raise
     return Member(job_dir, run, tally, recorder, lock, state, isolated, on_finish)
@@ -140,6 +143,7 @@ def _log_to(path: Path):
     """Within the block, the log also goes to `path` (each job's train.log gets its group's)."""
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    folder.stop_on_full_disk(handler)
     logging.getLogger().addHandler(handler)
     try:
         yield
