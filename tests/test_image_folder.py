@@ -249,6 +249,26 @@ def test_cache_goes_to_the_user_folder_when_root_is_not_writable(
         load_image_folder(root, cache_dir=elsewhere, progress=False)
 
 
+def test_the_user_cache_keeps_one_cache_per_folder_and_image_size(
+    tmp_path, no_user_cache, no_decode
+):
+    """~/.cache/mwn is shared by every read-only dataset: a changed folder replaces its own
+    older cache there, and another folder of the same name keeps its own."""
+    user = tmp_path / "xdg" / "mwn"
+    roots = [tmp_path / "one" / "data", tmp_path / "two" / "data"]  # same name, two folders
+    for root in roots:
+        make_rgb_folder(root, {"a": (1, 1)})
+        (root / ".mwn-cache").write_text("not a folder")  # root's cache folder is unwritable
+        load_image_folder(root, progress=False)
+    assert len(list(user.glob("data-native-*.pt"))) == 2
+    for n in range(3):  # the first folder changes three times
+        write_image(roots[0] / f"train/a/new{n}.png", np.full((4, 5, 3), n, dtype=np.uint8))
+        assert len(load_image_folder(roots[0], progress=False).train_y) == 2 + n
+    assert len(list(user.glob("data-native-*.pt"))) == 2  # one each, not five
+    no_decode()
+    assert len(load_image_folder(roots[1], progress=False).train_y) == 1  # its cache, kept
+
+
 @pytest.mark.parametrize(
     "case, message",
     [

@@ -23,13 +23,15 @@ Rules (each broken one is a one-line DataError naming the folder, file or class)
   kept); without it, every image must have the same size.
 
 The cache is one torch.save file of the tensors and class names, keyed by a hash of the splits,
-the sorted relative paths, sizes and mtimes of the images, image_size and FORMAT_VERSION: any added,
-removed, renamed or rewritten image (new mtime) makes a new cache. It lives in
+the sorted relative paths, sizes and mtimes of the images, image_size and FORMAT_VERSION: any
+added, removed, renamed or rewritten image (new mtime) makes a new cache. It lives in
 `root/.mwn-cache/` (or `cache_dir`), else in the user cache folder ($XDG_CACHE_HOME/mwn or
-~/.cache/mwn) when root is read-only. A corrupt, damaged (its SHA-256 of the decoded pixels and
-labels does not match) or foreign cache file is ignored and rebuilt. The key sees an image
-whose content changes but whose size and modification time stay the same (a restored mtime) as
-unchanged: delete the cache folder after such an edit.
+~/.cache/mwn) when root is read-only; a new cache replaces the older ones of the same folder (by
+absolute path) and image_size there, so neither place grows as a dataset changes. A corrupt,
+damaged (its SHA-256 of the decoded pixels and labels does not match) or foreign cache file is
+ignored and rebuilt. The key sees an image whose content changes but whose size and
+modification time stay the same (a restored mtime) as unchanged: delete the cache folder after
+such an edit.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ def load_image_folder(
     classes, splits = list_image_folder(root)
     names = list(splits)
     key = _cache_key(root, splits, image_size)
-    stem = f"{_safe(root.resolve().name)}-{image_size or 'native'}-{key[:20]}"
+    where = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]  # this folder's own
+    stem = f"{_safe(root.resolve().name)}-{image_size or 'native'}-{where}-{key[:20]}"
     dirs = [Path(cache_dir).expanduser()] if cache_dir is not None else _default_cache_dirs(root)
     pixels = None
     for folder in dirs:
@@ -98,7 +101,7 @@ def load_image_folder(
     if pixels is None:
         xs = _decode_all(root, splits, image_size, progress)
         pixels = {n: (x, torch.tensor(splits[n].labels, dtype=torch.int64)) for n, x in xs.items()}
-        _write_cache(dirs, stem, key, classes, root.resolve().name, pixels, prune=cache_dir is None)
+        _write_cache(dirs, stem, key, classes, root.resolve().name, pixels)
         log.info(
             "%s: %d classes, %s images of %s",
             root,
@@ -344,11 +347,11 @@ def _write_cache(
     classes: list[str],
     name: str,
     pixels: Pixels,
-    prune: bool,
 ) -> None:
     """torch.save to a temporary file then os.replace (readers never see half a file), in the
-    first of `dirs` that can be written. With `prune` (root's own cache folder), older caches of
-    the same image_size are removed: they describe contents the folder no longer has."""
+    first of `dirs` that can be written. Older caches there of the same folder (its absolute
+    path, in the stem) and image_size are removed: they describe contents it no longer has, and
+    a shared user cache folder does not grow with every change of every dataset."""
     entry = {
         "version": FORMAT_VERSION,
         "key": key,
@@ -382,8 +385,7 @@ def _write_cache(
             log.info("image cache written to %s (%s is not writable)", folder, dirs[0])
         else:
             log.info("image cache written to %s", folder / f"{stem}.pt")
-        if prune and n == 0:
-            for old in folder.glob(f"{stem.rsplit('-', 1)[0]}-*.pt"):
-                if old.name != f"{stem}.pt":
-                    old.unlink(missing_ok=True)
+        for old in folder.glob(f"{stem.rsplit('-', 1)[0]}-*.pt"):
+            if old.name != f"{stem}.pt":
+                old.unlink(missing_ok=True)
         return
