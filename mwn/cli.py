@@ -40,7 +40,22 @@ def parse_argv(argv: list[str]) -> tuple[argparse.Namespace | None, str | None]:
     try:
         return parser.parse_args(argv), None
     except _ArgvError as e:
-        return None, str(e)
+        return None, _flag_order(argv) or str(e)
+
+
+def _flag_order(argv: list[str]) -> str | None:
+    """Hydra's flags (-m, --cfg, ...) after an override: argparse reads the rest as unknown
+    arguments; say which order it takes instead."""
+    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    late = [a for a in argv[first or 0 :] if a.startswith("-")] if first is not None else []
+    if not late:
+        return None
+    flags = [a for a in argv if a.startswith("-")]
+    rest = [a for a in argv if not a.startswith("-")]
+    return (
+        f"{late[0]} after the override {argv[first]}: Hydra's flags come before the overrides "
+        f"(python -m mwn.train {' '.join(flags + rest)})"
+    )
 
 
 class _ArgvError(Exception):

@@ -58,6 +58,16 @@ def test_a_bad_flag_value_is_one_line(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+def test_a_flag_after_the_overrides_is_one_line_giving_the_order_hydra_takes(tmp_path):
+    r = run_cli("seed=1", "-m", "train_iters=2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "mwn: error: -m after the override seed=1: Hydra's flags come before the overrides "
+        "(python -m mwn.train -m seed=1 train_iters=2 hydra.sweep.dir=sweep)"
+    )
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_an_unknown_launcher_is_refused_in_one_line_naming_the_allowed_ones(tmp_path):
     r = run_cli("-m", "hydra/launcher=nope", "seed=1", cwd=tmp_path)
     assert r.returncode == 2
