@@ -8,7 +8,14 @@ sees losses; in batches of batch_size, no augmentation), the meta-net's weight V
 classifier's eval-mode prediction and probability of the given label; `corrupted` when the run
 itself corrupted labels (noise=...). Sorted by weight, lowest first (ties: higher loss first).
 A run without a meta-net (method=erm, ...) has no weights: its rows are sorted by loss, highest
-first, the small-loss ranking.
+first, the small-loss ranking; `--by loss` sorts a meta-net's rows so too.
+
+The weight is a function of the loss alone, so its ranking is only as good as the function's
+shape: under label noise the meta-net learns to weigh high losses down, and the least weighted
+images are the likely mislabelled; under class imbalance it learns to weigh them up (hard
+images, often of the rare classes), and then the least weighted are the easiest. When the
+weights rise with the loss over the training images (Spearman's rank correlation > 0), the
+command says so.
 """
 
 from __future__ import annotations
@@ -34,9 +41,12 @@ COLUMNS = ["rank", "index", "file", "label", "label_name", "loss", "weight", "pr
 
 
 @torch.no_grad()
-def verdicts(run_dir: Path, iteration: int | None = None) -> tuple[list[dict], bool]:
-    """One row per training image (COLUMNS), sorted least trusted first, and whether the run
-    has a meta-net (else the rows are sorted by loss)."""
+def verdicts(
+    run_dir: Path, iteration: int | None = None, by: str = "weight"
+) -> tuple[list[dict], bool]:
+    """One row per training image (COLUMNS), sorted least trusted first (by="weight": lowest
+    weight first; "loss", and any run without a meta-net: highest loss first), and whether the
+    run has a meta-net."""
     run = rebuild(run_dir, iteration)
     cfg, data, state = run.cfg, run.data, run.state
     has_meta_net = METHODS[str(cfg.method)].meta_net
@@ -73,11 +83,44 @@ def verdicts(run_dir: Path, iteration: int | None = None) -> tuple[list[dict], b
                 "corrupted": int(data.noisy[i]) if cfg.noise != "none" else "",
             }
         )
-    key = (lambda r: (r["weight"], -r["loss"])) if has_meta_net else (lambda r: -r["loss"])
+    by_weight = has_meta_net and by == "weight"
+    key = (lambda r: (r["weight"], -r["loss"])) if by_weight else (lambda r: (-r["loss"],))
     rows.sort(key=key)
     for rank, r in enumerate(rows, 1):
         r["rank"] = rank
     return rows, has_meta_net
+
+
+def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman's rank correlation (ties at their average rank)."""
+
+    def ranks(v: torch.Tensor) -> torch.Tensor:
+        v = v.double()
+        order = v.argsort(stable=True)
+        r = torch.empty_like(v)
+        r[order] = torch.arange(1, len(v) + 1, dtype=v.dtype)
+        values, inverse = v.unique(return_inverse=True)
+        mean = torch.zeros(len(values), dtype=v.dtype).index_add_(0, inverse, r)
+        count = torch.zeros(len(values), dtype=v.dtype).index_add_(0, inverse, torch.ones_like(r))
+        return (mean / count)[inverse]
+
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra * rb).sum() / (ra.norm() * rb.norm()))
+
+
+def trend_note(rows: list[dict]) -> str | None:
+    """A line for a meta-net whose weight rises with the loss, else None."""
+    loss = torch.tensor([r["loss"] for r in rows])
+    weight = torch.tensor([r["weight"] for r in rows])
+    rho = rank_correlation(loss, weight)
+    if rho <= 0:
+        return None
+    return (
+        f"note: the meta-net's weight rises with the loss (Spearman {rho:.2f} over the training "
+        "images): it weighs hard images up, as it learns to under class imbalance, so the least "
+        "weighted are the easiest, not the likely mislabelled; --by loss ranks by loss instead"
+    )
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -94,20 +137,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path, help="a run's folder")
     p.add_argument("-o", "--output", type=Path, help=f"CSV to write (RUN_DIR/{WEIGHTS})")
     p.add_argument("--checkpoint", type=int, help="the checkpoint of iteration N (the final)")
+    p.add_argument(
+        "--by",
+        choices=("weight", "loss"),
+        default="weight",
+        help="least trusted first: lowest weight (weight), or highest loss (loss)",
+    )
     args = p.parse_args(argv)
     try:
-        rows, has_meta_net = verdicts(args.run_dir, args.checkpoint)
+        rows, has_meta_net = verdicts(args.run_dir, args.checkpoint, args.by)
     except (RunError, DataError, ConfigError, CheckpointError) as e:
         print(f"python -m mwn.weights: error: {e}", file=sys.stderr)
         return 2
     out = args.output or args.run_dir / WEIGHTS
     write(rows, out)
-    order = (
-        "by the meta-net's weight, lowest first"
-        if has_meta_net
-        else ("by loss, highest first (the run has no meta-net)")
-    )
+    if not has_meta_net:
+        order = "by loss, highest first (the run has no meta-net)"
+    else:
+        order = (
+            "by the meta-net's weight, lowest first"
+            if args.by == "weight"
+            else ("by loss, highest first")
+        )
     print(f"{len(rows)} training images, {order}: {out}")
+    if has_meta_net and (note := trend_note(rows)):
+        print(note)
     return 0
 
 

@@ -270,6 +270,28 @@ def test_weights_lists_every_training_image_least_trusted_first(trained_run, tmp
     assert w.tolist() == pytest.approx(weights, rel=1e-4)
 
 
+def test_weights_by_loss_and_the_note_on_a_weight_that_rises_with_the_loss(
+    trained_run, tmp_path, capsys
+):
+    root, out = trained_run
+    assert weights_cli.main([str(out), "-o", str(tmp_path / "w.csv"), "--by", "loss"]) == 0
+    by_loss = rows(tmp_path / "w.csv")
+    losses = [float(r["loss"]) for r in by_loss]
+    assert losses == sorted(losses, reverse=True) and all(r["weight"] for r in by_loss)
+    assert "by loss, highest first:" in capsys.readouterr().out
+    # the note: Spearman's rank correlation, against hand counts
+    rank_correlation, t = weights_cli.rank_correlation, torch.tensor
+    assert rank_correlation(t([1.0, 2, 3]), t([3.0, 5, 9])) == pytest.approx(1)
+    assert rank_correlation(t([1.0, 2, 3]), t([9.0, 5, 3])) == pytest.approx(-1)
+    # ranks (1, 2.5, 2.5) and (1, 2, 3): covariance 1.5 / sqrt(1.5 * 2)
+    rho = rank_correlation(t([1.0, 2, 2]), t([1.0, 2, 3]))
+    assert rho == pytest.approx(1.5 / (1.5 * 2) ** 0.5)
+    rising = [{"loss": 0.5, "weight": 0.1}, {"loss": 2, "weight": 0.7}, {"loss": 1, "weight": 0.2}]
+    falling = [{**r, "weight": 1 - r["weight"]} for r in rising]
+    assert "weight rises with the loss (Spearman 1.00" in weights_cli.trend_note(rising)
+    assert weights_cli.trend_note(falling) is None
+
+
 def test_weights_of_a_run_without_a_meta_net_rank_by_loss(tmp_path):
     root = tmp_path / "flowers"
     write_folder(root, LONG_TAILED)
