@@ -91,29 +91,6 @@ def finished_job(member: Member) -> None:
     print(f"{member.run.out_dir.name}: {result_line(member.summary)}", flush=True)
 
 
-def hydra_files_on_a_full_disk() -> None:
-    """Hydra writes a job's .hydra/ files before the task starts; a disk with no room for them
-    ends in one line and exit code 2, as a full disk met later does, not in Hydra's traceback.
-    (Hydra's private `_save_config`: where Hydra has none, its own error stays.)"""
-    import hydra.core.utils as hydra_utils
-
-    save = getattr(hydra_utils, "_save_config", None)
-    if save is None:
-        return
-
-    def save_or_stop(cfg, filename, output_dir):
-        try:
-            save(cfg, filename, output_dir)
-        except OSError as e:
-            if e.errno not in folder.DISK_FULL:
-                raise
-            e.filename = e.filename or str(Path(output_dir) / filename)  # (Hydra writes them again)
-            print(f"mwn: error: {folder.disk_full(e, Path(output_dir))}", file=sys.stderr)
-            sys.exit(2)
-
-    hydra_utils._save_config = save_or_stop
-
-
 def register_launcher() -> None:
     """Make `hydra/launcher=vmap` known to Hydra wherever mwn is installed: Hydra finds
     launchers by scanning the `hydra_plugins` namespace, which an editable install does not
@@ -134,7 +111,7 @@ if __name__ == "__main__":
     if not ranks.main:
         sys.argv += QUIET_RANK
     register_launcher()
-    hydra_files_on_a_full_disk()
+    folder.hydra_files_on_a_full_disk()
     # run the task from the importable module, not __main__: parallel launchers (joblib,
     # submitit) pickle it, and a function of __main__ would be pickled by value, globals and all
     from mwn.train import main as importable_main

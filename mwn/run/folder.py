@@ -62,6 +62,29 @@ def exit_code(e: Preempted) -> int:
     return 130 if "SIGINT" in str(e) else 143
 
 
+def hydra_files_on_a_full_disk() -> None:
+    """Hydra writes a job's .hydra/ files before the task starts; a disk with no room for them
+    ends in one line and exit code 2, as a full disk met later does, not in Hydra's traceback.
+    (Hydra's private `_save_config`: where Hydra has none, its own error stays.)"""
+    import hydra.core.utils as hydra_utils
+
+    save = getattr(hydra_utils, "_save_config", None)
+    if save is None:
+        return
+
+    def save_or_stop(cfg, filename, output_dir):
+        try:
+            save(cfg, filename, output_dir)
+        except OSError as e:
+            if e.errno not in DISK_FULL:
+                raise
+            e.filename = e.filename or str(Path(output_dir) / filename)  # (Hydra writes them again)
+            print(f"mwn: error: {disk_full(e, Path(output_dir))}", file=sys.stderr)
+            sys.exit(2)
+
+    hydra_utils._save_config = save_or_stop
+
+
 def fail_job(job_dir: Path, e: Exception) -> None:
     """A sweep job failed: log it and write its error.json (its row in the sweep summary),
     unless the folder is another process's (Held): a refused attempt writes nothing there."""
