@@ -26,6 +26,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
+
+from mwn.data import noise
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -35,15 +38,8 @@ def read_csv(path: Path) -> list[dict]:
 
 def auc(doubt: np.ndarray, corrupted: np.ndarray) -> float:
     """P(a corrupted image is doubted more than a clean one), ties counted half (the
-    Mann-Whitney statistic)."""
-    order = doubt.argsort(kind="stable")
-    ranks = np.empty(len(doubt))
-    ranks[order] = np.arange(1, len(doubt) + 1)
-    for value in np.unique(doubt):  # average ranks of ties
-        same = doubt == value
-        ranks[same] = ranks[same].mean()
-    n_pos, n_neg = corrupted.sum(), (~corrupted).sum()
-    return float((ranks[corrupted].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    Mann-Whitney statistic, mwn's own)."""
+    return noise.auc(torch.from_numpy(doubt), torch.from_numpy(corrupted))
 
 
 def scores(doubt: np.ndarray, corrupted: np.ndarray) -> dict:

@@ -31,6 +31,7 @@ from mwn.config import ConfigError
 from mwn.core.methods import METHODS
 from mwn.core.step import per_sample_loss, run_constants, sample_weights
 from mwn.data.images import DataError
+from mwn.data.noise import average_ranks
 from mwn.run.checkpoint import CheckpointError
 from mwn.run.evaluate import predict
 from mwn.run.files import WEIGHTS
@@ -93,18 +94,7 @@ def verdicts(
 
 def rank_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman's rank correlation (ties at their average rank)."""
-
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        v = v.double()
-        order = v.argsort(stable=True)
-        r = torch.empty_like(v)
-        r[order] = torch.arange(1, len(v) + 1, dtype=v.dtype)
-        values, inverse = v.unique(return_inverse=True)
-        mean = torch.zeros(len(values), dtype=v.dtype).index_add_(0, inverse, r)
-        count = torch.zeros(len(values), dtype=v.dtype).index_add_(0, inverse, torch.ones_like(r))
-        return (mean / count)[inverse]
-
-    ra, rb = ranks(a), ranks(b)
+    ra, rb = average_ranks(a), average_ranks(b)
     ra, rb = ra - ra.mean(), rb - rb.mean()
     return float((ra * rb).sum() / (ra.norm() * rb.norm()))
 

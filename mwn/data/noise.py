@@ -60,12 +60,16 @@ def auc(scores: torch.Tensor, positive: torch.Tensor) -> float | None:
     pos, neg = int(positive.sum()), int((~positive).sum())
     if pos == 0 or neg == 0:
         return None
+    rank_sum = average_ranks(scores)[positive].sum().item()
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def average_ranks(scores: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of `scores` (float64), tied values sharing the mean of their ranks."""
     unique, inverse = torch.unique(scores.double(), return_inverse=True)  # sorted values
     counts = torch.bincount(inverse).double()
     ends = counts.cumsum(0)
-    ranks = ((ends - counts + 1 + ends) / 2)[inverse]  # 1-based ranks, averaged over ties
-    rank_sum = ranks[positive].sum().item()
-    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+    return ((ends - counts + 1 + ends) / 2)[inverse]
 
 
 def apply_noise(
