@@ -40,21 +40,27 @@ def parse_argv(argv: list[str]) -> tuple[argparse.Namespace | None, str | None]:
     try:
         return parser.parse_args(argv), None
     except _ArgvError as e:
-        return None, _flag_order(argv) or str(e)
+        return None, _flag_order(argv, parser) or str(e)
 
 
-def _flag_order(argv: list[str]) -> str | None:
-    """Hydra's flags (-m, --cfg, ...) after an override: argparse reads the rest as unknown
-    arguments; say which order it takes instead."""
-    first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
-    late = [a for a in argv[first or 0 :] if a.startswith("-")] if first is not None else []
-    if not late:
+def _flag_order(argv: list[str], parser: argparse.ArgumentParser) -> str | None:
+    """Hydra's flags (-m, --cfg job, ...) after an override: argparse reads the rest as unknown
+    arguments; say which order it takes instead (each flag with its value, if it takes one)."""
+    flags, overrides, late = [], [], None
+    args = iter(argv)
+    for arg in args:
+        if not arg.startswith("-"):
+            overrides.append(arg)
+            continue
+        late = late or (arg if overrides else None)
+        action = parser._option_string_actions.get(arg)  # (argparse's table of its flags)
+        takes_value = action is not None and action.nargs != 0 and "=" not in arg
+        flags += [arg, next(args, "")] if takes_value else [arg]
+    if late is None:
         return None
-    flags = [a for a in argv if a.startswith("-")]
-    rest = [a for a in argv if not a.startswith("-")]
     return (
-        f"{late[0]} after the override {argv[first]}: Hydra's flags come before the overrides "
-        f"(python -m mwn.train {' '.join(flags + rest)})"
+        f"{late} after the override {overrides[0]}: Hydra's flags come before the overrides "
+        f"(python -m mwn.train {' '.join(filter(None, flags + overrides))})"
     )
 
 

@@ -66,6 +66,12 @@ def test_a_flag_after_the_overrides_is_one_line_giving_the_order_hydra_takes(tmp
         "(python -m mwn.train -m seed=1 train_iters=2 hydra.sweep.dir=sweep)"
     )
     assert not (tmp_path / "sweep").exists()
+    from mwn.cli import parse_argv  # a flag with a value keeps it
+
+    assert parse_argv(["seed=1", "--cfg", "job", "x=2"])[1] == (
+        "--cfg after the override seed=1: Hydra's flags come before the overrides "
+        "(python -m mwn.train --cfg job seed=1 x=2)"
+    )
 
 
 def test_an_unknown_launcher_is_refused_in_one_line_naming_the_allowed_ones(tmp_path):
