@@ -141,14 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = args.output or args.run_dir / WEIGHTS
     write(rows, out)
+    order = "by loss, highest first"
     if not has_meta_net:
-        order = "by loss, highest first (the run has no meta-net)"
-    else:
-        order = (
-            "by the meta-net's weight, lowest first"
-            if args.by == "weight"
-            else ("by loss, highest first")
-        )
+        order += " (the run has no meta-net)"
+    elif args.by == "weight":
+        order = "by the meta-net's weight, lowest first"
     print(f"{len(rows)} training images, {order}: {out}")
     if has_meta_net and (note := trend_note(rows)):
         print(note)

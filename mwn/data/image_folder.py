@@ -84,8 +84,9 @@ def load_image_folder(
     classes, splits = list_image_folder(root)
     names = list(splits)
     key = _cache_key(root, splits, image_size)
-    where = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:8]  # this folder's own
-    stem = f"{_safe(root.resolve().name)}-{image_size or 'native'}-{where}-{key[:20]}"
+    place = root.resolve()
+    where = hashlib.sha256(str(place).encode()).hexdigest()[:8]  # this folder's own
+    stem = f"{_safe(place.name)}-{image_size or 'native'}-{where}-{key[:20]}"
     dirs = [Path(cache_dir).expanduser()] if cache_dir is not None else _default_cache_dirs(root)
     pixels = None
     for folder in dirs:
@@ -101,7 +102,7 @@ def load_image_folder(
     if pixels is None:
         xs = _decode_all(root, splits, image_size, progress)
         pixels = {n: (x, torch.tensor(splits[n].labels, dtype=torch.int64)) for n, x in xs.items()}
-        _write_cache(dirs, stem, key, classes, root.resolve().name, pixels)
+        _write_cache(dirs, stem, key, classes, place.name, pixels)
         log.info(
             "%s: %d classes, %s images of %s",
             root,
