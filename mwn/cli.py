@@ -20,7 +20,7 @@ RENAMED = {
     "meta_size": "meta_per_class (the meta set is balanced: meta_size / classes per class)",
     "vmap.max_runs": "hydra.launcher.max_runs (with hydra/launcher=vmap)",
 }
-GROUPS = ("dataset", "model", "device", "logger", "experiment")
+GROUPS = ("dataset", "model", "device", "logger", "meta_net", "experiment")
 
 
 def parse_argv(argv: list[str]) -> tuple[argparse.Namespace | None, str | None]:

@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from mwn.core.meta import META_GRADS
 from mwn.core.methods import METHODS
-from mwn.core.models import CLASSIFIERS, META_INITS, META_NETS
+from mwn.core.models import CLASSIFIERS, GROUPED, META_INITS, META_NETS
 from mwn.core.step import OPTIMIZERS
 from mwn.data.readers import READERS
 
@@ -84,6 +84,13 @@ class ModelConfig:
 
 
 @dataclass
+class MetaNetConfig:
+    name: MetaNetName = MISSING  # a key of mwn.core.models.META_NETS
+    groups: int = 1  # class groups by training count (k-means), one head each: cmw
+    init: Optional[str] = None  # noqa: UP045  a finished run's folder: start from its meta-net
+
+
+@dataclass
 class DeviceConfig:
     name: Device = MISSING
 
@@ -125,7 +132,7 @@ class Config:
     adam_eps: float = MISSING
     meta_lr: float = MISSING
     meta_weight_decay: float = MISSING
-    meta_net: MetaNetName = MISSING
+    meta_net: MetaNetConfig = field(default_factory=MetaNetConfig)
     hidden_size: int = MISSING
     num_layers: int = MISSING
     meta_init: MetaInit = MISSING
@@ -135,6 +142,8 @@ class Config:
     bf16: bool = MISSING
     meta_grad: MetaGrad = MISSING
     meta_interval: int = MISSING
+    meta_start: int = MISSING
+    meta_start_epoch: Optional[int] = MISSING  # noqa: UP045
     channels_last: bool = MISSING
     compile: bool = MISSING
     cuda_graphs: bool = MISSING
@@ -189,6 +198,7 @@ POSITIVE_INTS = (
     "eval_batch_size",
     "checkpoint_every",
     "meta_interval",
+    "meta_net.groups",
 )
 
 
@@ -203,7 +213,11 @@ def schema_keys(node: type = Config, prefix: str = "") -> set[str]:
 
 
 # a schedule in epochs sets these (mwn.run.build.resolve_schedule): given too, they would be lost
-SET_BY_EPOCHS = {"train_iters": "epochs", "lr_milestones": "lr_epochs"}
+SET_BY_EPOCHS = {
+    "train_iters": "epochs",
+    "lr_milestones": "lr_epochs",
+    "meta_start": "meta_start_epoch",
+}
 
 
 def check_schedule_overrides(cfg: DictConfig, overrides: list[str]) -> None:
@@ -258,9 +272,13 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     for key in POSITIVE_INTS:
         need(1 <= OmegaConf.select(cfg, key) <= MAX_INT, key, "integers in [1, 10^9]")
     finite = lambda v: v == v and abs(v) != float("inf")  # not NaN, not +-inf
-    for key in ("lr", "meta_lr"):
-        v = OmegaConf.select(cfg, key)
-        need(finite(v) and v > 0, key, "finite real numbers > 0")
+    need(finite(cfg.lr) and cfg.lr > 0, "lr", "finite real numbers > 0")
+    need(
+        finite(cfg.meta_lr) and cfg.meta_lr >= 0,
+        "meta_lr",
+        "finite real numbers >= 0 (0: the meta-net stays fixed)",
+    )
+    _check_meta(cfg, need)
     for key in ("weight_decay", "meta_weight_decay", "momentum", "focal_gamma"):
         v = OmegaConf.select(cfg, key)
         need(finite(v) and v >= 0, key, "finite real numbers >= 0")
@@ -324,6 +342,37 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
     _check_model(cfg.model, need)
     if torchrun_world:
         _check_torchrun(cfg, torchrun_world, need)
+
+
+def _check_meta(cfg: DictConfig, need) -> None:
+    """The meta-net and when it learns: settings a method without a meta-net does not read are
+    refused rather than ignored."""
+    learns = [name for name, m in METHODS.items() if m.meta_net]
+    with_net = METHODS[str(cfg.method)].meta_net
+    need(0 <= cfg.meta_start <= MAX_INT, "meta_start", "integers in [0, 10^9]")
+    need(
+        cfg.meta_start_epoch is None or 0 <= cfg.meta_start_epoch <= MAX_INT,
+        "meta_start_epoch",
+        "null or integers in [0, 10^9]",
+    )
+    for key, default in (("meta_start", 0), ("meta_start_epoch", None), ("meta_net.init", None)):
+        shown = "null" if default is None else default
+        need(
+            with_net or OmegaConf.select(cfg, key) == default,
+            key,
+            f"{shown} unless method={' | '.join(learns)} (method={cfg.method} learns no meta-net)",
+        )
+    need(
+        cfg.meta_net.groups == 1 or str(cfg.meta_net.name) in GROUPED,
+        "meta_net.groups",
+        f"1 with meta_net.name={cfg.meta_net.name} (class groups: meta_net={' | '.join(GROUPED)})",
+    )
+    init = cfg.meta_net.init
+    need(
+        init is None or (isinstance(init, str) and init.strip() != ""),
+        "meta_net.init",
+        "null or a finished run's folder",
+    )
 
 
 def _check_model(model: DictConfig, need) -> None:

@@ -84,7 +84,7 @@ def test_typos_and_wrong_types_fail_at_composition(override):
         ("seed=-1", "seed=-1: allowed values are integers in [0, 2^32)"),
         ("train_per_class=0", "train_per_class=0: allowed values are null or integers >= 1"),
         ("lr=inf", "lr=inf: allowed values are finite real numbers > 0"),
-        ("meta_lr=inf", "meta_lr=inf: allowed values are finite real numbers > 0"),
+        ("meta_lr=inf", "meta_lr=inf: allowed values are finite real numbers >= 0"),
         ("lr=nan", "lr=nan: allowed values are finite real numbers > 0"),
         ("momentum=inf", "momentum=inf: allowed values are finite real numbers >= 0"),
         ("weight_decay=inf", "weight_decay=inf: allowed values are finite real numbers >= 0"),

@@ -17,7 +17,7 @@ from torch import nn
 
 from mwn.core.adopt import adopt, check_deterministic
 from mwn.core.meta import META_GRADS
-from mwn.core.methods import METHODS, step_at
+from mwn.core.methods import METHODS, Schedule
 from mwn.core.models import MetaNet
 from mwn.core.optim import adam_init
 from mwn.core.step import StepHP, per_sample_loss, sample_weights
@@ -63,6 +63,7 @@ class MetaReweighter:
         rollback: bool = True,
         normalize_weights: bool = True,
         meta_interval: int = 1,
+        meta_start: int = 0,
         meta_grad: str = "jvp",
         amp: str | None = None,
         class_counts: list[int] | None = None,
@@ -78,6 +79,9 @@ class MetaReweighter:
         self.method = METHODS[method]
         if meta_interval > 1 and self.method.between is None:
             raise SettingError(f"meta_interval={meta_interval}: method={method} takes 1")
+        if meta_start < 0 or (meta_start and not self.method.meta_net):
+            takes = "integers >= 0" if self.method.meta_net else f"0 with method={method}"
+            raise SettingError(f"meta_start={meta_start}: allowed values are {takes}")
         if isinstance(model, nn.parallel.DistributedDataParallel):
             raise SettingError(
                 "model: a DistributedDataParallel wrapper; pass model.module (the step sums "
@@ -115,7 +119,7 @@ class MetaReweighter:
             focal_gamma=focal_gamma,
             class_balanced_beta=class_balanced_beta,
         )
-        self.meta_interval = meta_interval
+        self.schedule = Schedule(meta_interval, meta_start if self.method.meta_net else 0)
         self.reduce = LOCAL
         if distributed and dist.get_world_size() > 1:
             self.reduce = AllReduce(dist.get_world_size(), sync_bn)
@@ -149,8 +153,8 @@ class MetaReweighter:
         hp = self.hyperparameters()
         lr = float(self.optimizer.param_groups[0]["lr"])
         state = self.gather()
-        steps = self.method.steps(self.meta_interval)
-        step = step_at(steps, self.iteration, self.meta_interval)
+        role = self.schedule.role(self.iteration)
+        step = self.method.step_of(role)
         meta_batch = (x_meta, y_meta) if self.method.meta_batch else None
         new, metrics = step(
             self.model, self.meta_net, state, (x, y), meta_batch, lr, hp, self.reduce

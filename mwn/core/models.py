@@ -1,7 +1,8 @@
 """Models, held as stateless modules: the CIFAR ResNet (ResNet32 and its smaller siblings), the
-Wide ResNet (WRN-28-10, the MWN paper's model for uniform label noise), and the meta-net MLP
-that maps a sample's loss to its weight. Two registries name them for the config:
-CLASSIFIERS (`model.arch`) and META_NETS (`meta_net`).
+Wide ResNet (WRN-28-10, the MWN paper's model for uniform label noise), the meta-net MLP that
+maps a sample's loss to its weight (MW-Net), and its class-aware successor with one output head
+per group of classes of similar training counts (CMW-Net). Two registries name them for the
+config: CLASSIFIERS (`model.arch`) and META_NETS (`meta_net`).
 
 Parameters and buffers live outside the modules, in dicts that `torch.func.functional_call`
 passes in; `extract_state` takes them out once at start-up.
@@ -182,12 +183,106 @@ class MetaNet(nn.Module):
         return {}
 
 
+def count_groups(counts: list[int], groups: int) -> list[int]:
+    """Each class's group (0: the largest training counts, the head; groups - 1: the tail) by
+    k-means with `groups` clusters on the class counts, as CMW-Net clusters them. Solved
+    exactly: in one dimension the clusters of an optimal k-means are runs of the sorted
+    values, so dynamic programming over the sorted distinct counts finds the partition of least
+    within-cluster sum of squares (no random start, the same groups every time). Fewer distinct
+    counts than groups: one group per distinct count (balanced data: every class in group 0).
+    """
+    if groups < 1:
+        raise ValueError(f"meta_net.groups={groups}: allowed values are integers >= 1")
+    values = sorted(set(counts), reverse=True)
+    weight = [counts.count(v) for v in values]
+    m, k = len(values), min(groups, len(values))
+    # prefix sums of weight, weight * value, weight * value^2 for a segment's sum of squares
+    pw, p1, p2 = [0.0], [0.0], [0.0]
+    for v, c in zip(values, weight):
+        pw.append(pw[-1] + c)
+        p1.append(p1[-1] + c * v)
+        p2.append(p2[-1] + c * v * v)
+
+    def sse(a: int, b: int) -> float:  # values[a:b] as one cluster
+        n, s1 = pw[b] - pw[a], p1[b] - p1[a]
+        return p2[b] - p2[a] - s1 * s1 / n
+
+    inf = float("inf")
+    cost = [[inf] * (m + 1) for _ in range(k + 1)]  # cost[j][b]: values[:b] in j clusters
+    cut = [[0] * (m + 1) for _ in range(k + 1)]
+    cost[0][0] = 0.0
+    for j in range(1, k + 1):
+        for b in range(j, m + 1):
+            for a in range(j - 1, b):  # the last cluster is values[a:b]
+                c = cost[j - 1][a] + sse(a, b)
+                if c < cost[j][b]:
+                    cost[j][b], cut[j][b] = c, a
+    group_of, b = {}, m
+    for j in range(k, 0, -1):
+        a = cut[j][b]
+        group_of.update({v: j - 1 for v in values[a:b]})
+        b = a
+    return [group_of[c] for c in counts]
+
+
+class ClassAwareMetaNet(nn.Module):
+    """CMW-Net's weighting net (Shu et al., "CMW-Net: Learning a Class-Aware Sample Weighting
+    Mapping for Robust Deep Learning", TPAMI 2023): the detached loss through a shared hidden
+    layer (1 -> hidden_size, ReLU; x num_layers), then one output (hidden_size -> 1, sigmoid)
+    per class group, the groups from k-means on the training counts (`count_groups`); a sample
+    takes its class's group's output. The heads are one Linear(hidden_size, groups): row g is
+    group g's head. `init` as MetaNet's (flat: every head's weights scaled, biases zero).
+
+    The class-to-group map is a run constant (`meta_groups`, a class-indexed tensor) in the
+    state, so runs of one vectorised group may have their own. Called without labels it gives
+    every group's curve, (groups, B)."""
+
+    def __init__(
+        self, hidden_size: int = 100, num_layers: int = 1, init: str = "random", groups: int = 3
+    ) -> None:
+        super().__init__()
+        if init not in META_INITS:
+            raise ValueError(f"init={init!r}: allowed values are {' | '.join(META_INITS)}")
+        if groups < 1:
+            raise ValueError(f"meta_net.groups={groups}: allowed values are integers >= 1")
+        layers: list[nn.Module] = []
+        width = 1
+        for _ in range(num_layers):
+            layers += [nn.Linear(width, hidden_size), nn.ReLU()]
+            width = hidden_size
+        self.trunk = nn.Sequential(*layers)
+        self.heads = nn.Linear(width, groups)
+        if init == "flat":
+            with torch.no_grad():
+                self.heads.weight.mul_(FLAT_SCALE)
+                self.heads.bias.zero_()
+        self.groups = groups
+
+    def forward(
+        self,
+        loss: torch.Tensor,
+        label: torch.Tensor | None = None,
+        constants: Tensors | None = None,
+    ) -> torch.Tensor:
+        """Weights (B,) of losses (B,) with their labels; without labels, (groups, B)."""
+        out = self.heads(self.trunk(loss.unsqueeze(-1)))  # (B, groups)
+        if label is None:
+            return torch.sigmoid(out).transpose(0, 1)
+        group = constants["meta_groups"][label]  # (B,)
+        return torch.sigmoid(out.gather(-1, group.unsqueeze(-1))).squeeze(-1)
+
+    def constants(self, counts: list[int]) -> Tensors:
+        """The class-to-group map of these training counts."""
+        return {"meta_groups": torch.tensor(count_groups(list(counts), self.groups))}
+
+
 # model.arch -> the classifier: cls(num_classes, depth=, width=, in_channels=), with DEPTHS (the
 # allowed depths, in words) and depth_ok(depth)
 CLASSIFIERS: dict[str, type[nn.Module]] = {"resnet": ResNet, "wrn": WideResNet}
-# meta_net -> the weighting net: cls(hidden_size, num_layers, init), called as (loss, label,
-# constants), with constants(counts)
-META_NETS: dict[str, type[nn.Module]] = {"mlp": MetaNet}
+# meta_net.name -> the weighting net: cls(hidden_size, num_layers, init[, groups]), called as
+# (loss, label, constants), with constants(counts)
+META_NETS: dict[str, type[nn.Module]] = {"mlp": MetaNet, "cmw": ClassAwareMetaNet}
+GROUPED = {"cmw"}  # the meta-nets that take meta_net.groups
 
 
 def build_classifier(
@@ -197,8 +292,12 @@ def build_classifier(
     return CLASSIFIERS[arch](num_classes, depth=depth, width=width, in_channels=in_channels)
 
 
-def build_meta_net(name: str, hidden_size: int, num_layers: int, init: str) -> nn.Module:
-    """The registered meta-net `name`."""
+def build_meta_net(
+    name: str, hidden_size: int, num_layers: int, init: str, groups: int = 1
+) -> nn.Module:
+    """The registered meta-net `name` (`groups`: its class groups, for one that has them)."""
+    if name in GROUPED:
+        return META_NETS[name](hidden_size, num_layers, init, groups)
     return META_NETS[name](hidden_size, num_layers, init)
 
 

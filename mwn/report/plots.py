@@ -2,7 +2,7 @@
 extra). Uses matplotlib's object API only: no pyplot, no global backend state.
 
 - weight_fn.png: the learned weighting function, weight against loss, at several points in
-  training (the MWN paper's figure);
+  training (the MWN paper's figure; a class-aware meta-net: one panel per class group);
 - accuracy.png: test accuracy over training, overall and by shot group;
 - per_class.png: final accuracy of each class (by name), beside its number of training images;
 - confusion.png: the final test confusion matrix, each row as fractions of its true class;
@@ -49,9 +49,14 @@ def plot_run(folder: Path) -> list[Path]:
         out.append(_per_class(folder / "per_class.png", evals[-1], counts, names, title))
     if (folder / CONFUSION).is_file():
         out.append(_confusion(folder / "confusion.png", folder / CONFUSION, title))
+    losses = summary.get("weight_fn_losses", WEIGHT_FN_LOSSES)
     if "weight_fn" in evals[-1]:
-        losses = summary.get("weight_fn_losses", WEIGHT_FN_LOSSES)
         out.append(_weight_fn(folder / "weight_fn.png", evals, losses, title))
+    if "weight_fn_by_group" in evals[-1]:
+        groups = summary.get("meta_groups") or []
+        path = folder / "weight_fn.png"
+        out.append(_weight_fn_by_group(path, evals, losses, groups, counts, title))
+    if "batch" in evals[-1]:
         out.append(_weights_hist(folder / "weights_hist.png", evals[-1], counts, title))
     if "noise_auc" in evals[-1]:
         out.append(_noise_weights(folder / "noise_weights.png", evals, title))
@@ -92,6 +97,48 @@ def _weight_fn(path: Path, evals: list[dict], losses: list[float], title: str) -
     ax.set(xlabel="training loss", ylabel="weight V(loss)", title=f"{title}: learned weighting")
     ax.legend(fontsize="small")
     ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def _weight_fn_by_group(
+    path: Path, evals: list[dict], losses: list, groups: list[int], counts, title: str
+) -> Path:
+    """A class-aware meta-net: one panel per class group (its classes' training counts in the
+    title), its curve at several points in training, and the latest batch's samples of that
+    group."""
+    curves = evals[-1]["weight_fn_by_group"]
+    k = len(curves)
+    fig = Figure(figsize=(3.2 * k, 3.4))
+    axes = fig.subplots(1, k, sharey=True, squeeze=False)[0]
+    shown = _spread(evals, 5)
+    cmap = matplotlib.colormaps["viridis"]
+    batch = evals[-1]["batch"]
+    for g, ax in enumerate(axes):
+        members = [c for c, gc in enumerate(groups) if gc == g]
+        for i, r in enumerate(shown):
+            color = cmap(i / max(len(shown) - 1, 1))
+            ax.plot(losses, r["weight_fn_by_group"][g], color=color, label=f"iter {r['iter']}")
+        mine = [i for i, y in enumerate(batch["label"]) if groups and groups[y] == g]
+        ax.scatter(
+            [batch["loss"][i] for i in mine],
+            [batch["weight"][i] for i in mine],
+            s=6,
+            color="tab:red",
+            alpha=0.5,
+            zorder=3,
+            label="latest batch",
+        )
+        if members and counts:
+            n = [counts[c] for c in members]
+            name = f"group {g}: {len(members)} classes, {min(n)}-{max(n)} images"
+        else:
+            name = f"group {g}: no class"
+        ax.set(xlabel="training loss", title=name)
+        ax.title.set_fontsize("small")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("weight V(loss)")
+    axes[0].legend(fontsize="x-small")
+    fig.suptitle(f"{title}: learned weighting per class group", fontsize="medium")
     return _save(fig, path)
 
 

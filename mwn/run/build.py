@@ -16,13 +16,14 @@ from omegaconf import DictConfig, OmegaConf, read_write
 from mwn import seeds
 from mwn.config import check_config, pick_device
 from mwn.core.batchnorm import synchronised
-from mwn.core.methods import METHODS, Method
+from mwn.core.methods import METHODS, Method, Schedule, build_steps
 from mwn.core.models import build_meta_net, count_params, extract_state
 from mwn.core.step import StepHP, init_state
 from mwn.core.sums import LOCAL, AllReduce
 from mwn.data.batches import Sampler
 from mwn.data.build import Data, build_data
 from mwn.data.streaming import StreamedImages
+from mwn.run import reuse
 from mwn.run.accel import channels_last, make_step
 from mwn.run.folder import check_resumable, run_folder
 from mwn.run.model import build_model, model_name
@@ -45,9 +46,10 @@ class Run:
     model: torch.nn.Module  # the classifier (stateless: its state lives in the state dict)
     meta_net: torch.nn.Module
     hp: StepHP
-    # (state, batch, meta_batch, lr) -> (state, metrics), mwn.run.accel.make_step: the method's
-    # step, and with meta_interval > 1 the one between meta updates (Method.steps)
-    steps: list
+    schedule: Schedule  # which step runs at which iteration
+    # {role: (state, batch, meta_batch, lr) -> (state, metrics)}, mwn.run.accel.make_step: the
+    # steps the schedule takes (mwn.core.methods.Schedule.roles)
+    steps: dict
     batches: Batches
     settings: dict = field(default_factory=dict)  # the resolved config, kept in checkpoints
 
@@ -78,10 +80,13 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
     # collectives run on every rank, so rank 0's validation uses the plain model)
     step_model = synchronised(model) if cfg.sync_bn and ranks.torchrun else model
     reduce = AllReduce(ranks.world, cfg.sync_bn) if ranks.torchrun else LOCAL
-    steps = [
-        make_step(fn, step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce)
-        for fn in method.steps(cfg.meta_interval)
-    ]
+    schedule = Schedule.of(cfg)
+    steps = build_steps(
+        method,
+        schedule,
+        cfg.train_iters,
+        lambda fn: make_step(fn, step_model, meta_net, hp, cfg.compile, cfg.cuda_graphs, reduce),
+    )
     log.info(
         "%s: %s, %d parameters; meta-net %d parameters",
         cfg.method,
@@ -110,8 +115,9 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
         model=model,
         meta_net=meta_net,
         hp=hp,
+        schedule=schedule,
         steps=steps,
-        batches=Batches(cfg, data, method, ranks, device),
+        batches=Batches(cfg, data, method, schedule, ranks, device),
         settings=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
     )
 
@@ -119,13 +125,14 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
 def new_meta_net(cfg: DictConfig, hidden_size: int | None = None) -> torch.nn.Module:
     """The config's meta-net (at another hidden size when given: a vectorised group's)."""
     hidden = cfg.hidden_size if hidden_size is None else hidden_size
-    return build_meta_net(str(cfg.meta_net), hidden, cfg.num_layers, str(cfg.meta_init))
+    name, groups = str(cfg.meta_net.name), cfg.meta_net.groups
+    return build_meta_net(name, hidden, cfg.num_layers, str(cfg.meta_init), groups)
 
 
 def resolve_schedule(cfg: DictConfig, per_epoch: int) -> DictConfig:
-    """The config with epochs / lr_epochs, when set, as train_iters / lr_milestones
-    (iterations); a copy, the config given stays as it is."""
-    if cfg.epochs is None and cfg.lr_epochs is None:
+    """The config with epochs / lr_epochs / meta_start_epoch, when set, as train_iters /
+    lr_milestones / meta_start (iterations); a copy, the config given stays as it is."""
+    if cfg.epochs is None and cfg.lr_epochs is None and cfg.meta_start_epoch is None:
         return cfg
     cfg = copy.deepcopy(cfg)
     with read_write(cfg):
@@ -133,9 +140,12 @@ def resolve_schedule(cfg: DictConfig, per_epoch: int) -> DictConfig:
             cfg.train_iters = cfg.epochs * per_epoch
         if cfg.lr_epochs is not None:
             cfg.lr_milestones = [e * per_epoch for e in cfg.lr_epochs]
+        if cfg.meta_start_epoch is not None:
+            cfg.meta_start = cfg.meta_start_epoch * per_epoch
+    start = f", meta_start={cfg.meta_start}" if cfg.meta_start_epoch is not None else ""
     log.info(
         f"{per_epoch} iterations per epoch: train_iters={cfg.train_iters}, "
-        f"lr_milestones={list(cfg.lr_milestones)}"
+        f"lr_milestones={list(cfg.lr_milestones)}{start}"
     )
     return cfg
 
@@ -145,10 +155,16 @@ class Batches:
     augmentation seeded by iteration, so replayable) and takes its rows."""
 
     def __init__(
-        self, cfg: DictConfig, data: Data, method: Method, ranks: Ranks, device: torch.device
+        self,
+        cfg: DictConfig,
+        data: Data,
+        method: Method,
+        schedule: Schedule,
+        ranks: Ranks,
+        device: torch.device,
     ) -> None:
         self.cfg, self.data, self.device = cfg, data, device
-        self.meta_batches = method.meta_batch
+        self.meta_batches, self.schedule = method.meta_batch, schedule
         self.train = Sampler(
             len(data.train), cfg.batch_size, cfg.seed, Stream.TRAIN_BATCHES, "batch_size"
         )
@@ -166,12 +182,12 @@ class Batches:
 
     def __call__(self, it: int) -> tuple[tuple, tuple | None, torch.Tensor]:
         """(this rank's training batch, its meta batch or None when the method reads none or
-        this is an iteration between meta updates, the training batch's indices)."""
+        this iteration makes no meta update, the training batch's indices)."""
         seed, idx = self.cfg.seed, self.train.indices(it)
         gen = seeds.step_generator(seed, Stream.TRAIN_AUG, it, self.device)
         batch = self.data.train.batch(idx, *self.aug, gen, self.rows)
         meta_batch = None
-        if self.meta_batches and it % self.cfg.meta_interval == 0:
+        if self.meta_batches and self.schedule.role(it) == "meta":
             gen = seeds.step_generator(seed, Stream.META_AUG, it, self.device)
             meta_batch = self.data.meta.batch(self.meta.indices(it), *self.aug, gen, self.meta_rows)
         return batch, meta_batch, idx[self.rows]
@@ -183,9 +199,20 @@ def initial_state(run: Run) -> dict:
     params, buffers = extract_state(run.model)
     if run.cfg.channels_last:
         params = channels_last(params)
-    state = init_state(
-        params, buffers, extract_state(run.meta_net)[0], run.cfg.fp16, str(run.cfg.optimizer)
-    )
+    meta_params = extract_state(run.meta_net)[0]
+    if run.method.meta_net and run.cfg.meta_net.init is not None:  # a learned weighting reused
+        meta_params, source = reuse.source_meta_net(
+            run.cfg.meta_net.init, run.meta_net, run.settings
+        )
+        if run.ranks.main:
+            reuse.record(run.out_dir, source)
+        log.info(
+            "meta-net from %s (%s, iteration %d)",
+            source["run"],
+            source["checkpoint"],
+            source["iteration"],
+        )
+    state = init_state(params, buffers, meta_params, run.cfg.fp16, str(run.cfg.optimizer))
     constants = {
         **run.method.constants(run.data.counts, run.hp),
         **run.meta_net.constants(run.data.counts),

@@ -213,6 +213,12 @@ def _upgraded(saved: dict) -> dict:
             saved[new] = saved.pop(old)
     if saved.get("meta_size", 0) is None:
         saved.pop("meta_size")
+    if isinstance(saved.get("meta_net"), str):  # before meta_net became a group: its name
+        name = saved.pop("meta_net")
+        if any("." in k for k in saved):  # flat
+            saved["meta_net.name"] = name
+        else:
+            saved["meta_net"] = {"name": name}
     return saved
 
 

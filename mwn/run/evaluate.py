@@ -105,17 +105,18 @@ def weighting(
     batch: tuple[torch.Tensor, torch.Tensor],
     amp: torch.dtype | None = None,
 ) -> dict:
-    """The meta-net's weight V(L) at WEIGHT_FN_LOSSES, and for each sample of `batch` its label,
-    its loss under the current classifier (training mode; buffers untouched) and V(loss)."""
+    """The meta-net's weight V(L) at WEIGHT_FN_LOSSES (a class-aware meta-net: one curve per
+    class group, `weight_fn_by_group`), and for each sample of `batch` its label, its loss under
+    the current classifier (training mode; buffers untouched) and V(loss)."""
     x, y = batch
     grid = torch.tensor(WEIGHT_FN_LOSSES, device=y.device)
     curve = sample_weights(meta_net, state["meta_params"], grid, None, run_constants(state), False)
     losses, weights = _losses_and_weights(model, meta_net, state, x, y, amp)
     r = lambda t: [round(v, 6) for v in t.float().tolist()]
-    return {
-        "weight_fn": r(curve),
-        "batch": {"label": y.tolist(), "loss": r(losses), "weight": r(weights)},
-    }
+    batch_record = {"label": y.tolist(), "loss": r(losses), "weight": r(weights)}
+    if curve.dim() == 2:  # (groups, losses)
+        return {"weight_fn_by_group": [r(c) for c in curve], "batch": batch_record}
+    return {"weight_fn": r(curve), "batch": batch_record}
 
 
 @torch.no_grad()

@@ -26,6 +26,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.func import vmap
 from torch.utils._pytree import tree_map
 
+from mwn.config import ConfigError
+from mwn.core.methods import Schedule, build_steps
 from mwn.core.sums import LOCAL, Reduce
 from mwn.run import checkpoint
 from mwn.run.accel import make_step
@@ -147,6 +149,20 @@ def plan_groups(cfgs: list[DictConfig], max_runs: int) -> list[list[int]]:
 # ---------------------------------------------------------------- the runs in the loop
 
 
+def group_schedule(runs: list) -> Schedule:
+    """The one schedule of a group's step: its runs' meta_start (in iterations) must agree; the
+    meta-net is fixed only when every run's meta_lr is 0 (a run with meta_lr 0 among others
+    takes the meta update, whose Adam step with learning rate 0 leaves its meta-net as it is)."""
+    starts = sorted({r.schedule.meta_start for r in runs})
+    if len(starts) > 1:
+        raise ConfigError(
+            f"meta_start: the runs of one vectorised group start meta-learning at iterations "
+            f"{starts} (meta_start_epoch in epochs of training sets of different sizes); give "
+            "meta_start in iterations, or run them with hydra/launcher=basic"
+        )
+    return replace(runs[0].schedule, fixed=all(r.schedule.fixed for r in runs))
+
+
 class Vmapped:
     """What vmap adds to the loop (mwn.run.loop): the members' states stacked, padded to the
     group's meta-net, one vmapped step; their batches and learning rates stacked each
@@ -165,10 +181,15 @@ class Vmapped:
         self.state = group_state([m.state for m in members], hps, shapes)
         for m in members:
             m.state = None
-        self.steps = [
-            make_step(vectorised(fn), first.model, meta_net, first.hp, cfg.compile, cfg.cuda_graphs)
-            for fn in first.method.steps(cfg.meta_interval)
-        ]
+        self.schedule = group_schedule([m.run for m in members])
+        self.steps = build_steps(
+            first.method,
+            self.schedule,
+            max(m.run.cfg.train_iters for m in members),
+            lambda fn: make_step(
+                vectorised(fn), first.model, meta_net, first.hp, cfg.compile, cfg.cuda_graphs
+            ),
+        )
         self.device = device
 
     def inputs(self, drawn: list, lrs: list[float]) -> tuple:

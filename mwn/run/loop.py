@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from mwn.core.methods import step_at
 from mwn.core.optim import step_lr
 from mwn.run.build import Run
 from mwn.run.folder import KNOWN_ERRORS, NonFinite, Preempted, fail_job
@@ -103,6 +102,7 @@ class Plain:
     def __init__(self, members: list[Member]) -> None:
         (member,) = members
         self.steps, self.state = member.run.steps, member.state
+        self.schedule = member.run.schedule
 
     def inputs(self, drawn: list, lrs: list[float]) -> tuple:
         (batch, meta_batch, _), lr = drawn[0], lrs[0]
@@ -141,7 +141,7 @@ def loop(members: list[Member], runs, stop: StopFlag, progress: Progress | None)
             batch, meta_batch, lr = runs.inputs(drawn, lrs)
 
             # one iteration: weights, lookahead, meta-gradient, meta update, classifier update
-            step = step_at(runs.steps, it, cfg.meta_interval)
+            step = runs.steps[runs.schedule.role(it)]
             state, metrics = step(state, batch, meta_batch, lr)
 
             # what follows, for each run still going: finiteness, validation and logging,
@@ -240,7 +240,7 @@ def after_step(
             record.update({k: v for k, v in tally.last_eval.items() if k not in NOT_LOGGED})
             key = best_key(run)  # validation accuracy, or test accuracy without a val set
             if tally.last_eval[key] > tally.best.get(key, -1.0):
-                drop = ("weight_fn", "batch", *NOT_LOGGED)
+                drop = ("weight_fn", "weight_fn_by_group", "batch", *NOT_LOGGED)
                 tally.best = {k: v for k, v in tally.last_eval.items() if k not in drop}
                 tally.best["iter"] = done
             recorder.note(validation_line(done, tally))

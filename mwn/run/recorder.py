@@ -36,6 +36,7 @@ from mwn.run.files import (
 from mwn.run.folder import NonFinite
 from mwn.run.model import model_name
 from mwn.run.monitor import Progress, TensorBoard
+from mwn.run.reuse import meta_net_from
 from mwn.run.trained import export_model
 
 log = logging.getLogger(__name__)
@@ -388,6 +389,10 @@ def summarise(run: Run, state: dict, tally: Tally) -> dict:
         "corrupted_fraction": data.noise["corrupted_fraction"],
         **({f"final_{k}": last[k] for k in NOISE_KEYS} if noise_diagnosed else {}),
         "weight_fn_losses": WEIGHT_FN_LOSSES,
+        "meta_net": str(cfg.meta_net.name) if run.method.meta_net else None,
+        "meta_groups": state["meta_groups"].tolist() if "meta_groups" in state else None,
+        "meta_net_from": meta_net_from(run.out_dir),
+        "meta_start": cfg.meta_start if run.method.meta_net else 0,
         "meta_size": len(data.meta),
         "val_size": len(data.val) if data.val is not None else 0,
         "test_size": len(data.test),
