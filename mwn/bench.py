@@ -75,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu | cuda | mps (default cpu)")
     p.add_argument("--fp16", action="store_true", help="float16 autocast + loss scaling (CUDA)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA)")
+    p.add_argument(
+        "--tf32", action="store_true", help="TF32 matrix products and convolutions (CUDA)"
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the step functions")
     p.add_argument("--cuda-graphs", action="store_true", help="replay each step as a CUDA graph")
     p.add_argument("--channels-last", action="store_true", help="NHWC images and conv weights")
@@ -117,6 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--fp16 and --cuda-graphs need --device cuda")
     if args.fp16 and args.bf16:
         p.error("--fp16 and --bf16: choose one")
+    if args.tf32 and args.device != "cuda":
+        p.error("--tf32 needs --device cuda")
     try:
         args.runs = [int(k) for k in args.runs.split(",") if k]
     except ValueError:
@@ -351,6 +356,8 @@ def peak_memory_mb(env: dict, variant: str) -> float:
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     env = setup(args)
     times = time_variants(args, env)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -403,6 +410,7 @@ def print_report(args: argparse.Namespace, report: dict) -> None:
         for m, on in (
             ("fp16", args.fp16),
             ("bf16", args.bf16),
+            ("tf32", args.tf32),
             ("compile", args.compile),
             ("cuda-graphs", args.cuda_graphs),
             ("channels-last", args.channels_last),

@@ -212,3 +212,14 @@ def test_a_meta_net_that_cannot_be_reused_is_one_line(source, tmp_path, case, me
     assert out.returncode == 2, out.stderr[-2000:]
     assert out.stderr.startswith(f"mwn: error: meta_net.init={init}: {message}"), out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_the_successors_protocol_defers_the_meta_start_to_epoch_160_of_200():
+    cfg = resolve_schedule(make_cfg("+experiment=long_tail_cifar10_deferred", "meta_net=cmw"), 123)
+    assert (cfg.train_iters, cfg.meta_start, list(cfg.lr_milestones)) == (
+        24600,
+        19680,
+        [19680, 22140],
+    )
+    assert (cfg.lr_gamma, cfg.meta_lr, cfg.meta_net.name) == (0.01, 1e-4, "cmw")
+    assert Schedule.of(cfg).role(19679) == "plain" and Schedule.of(cfg).role(19680) == "meta"
