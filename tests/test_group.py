@@ -22,7 +22,7 @@ import torch
 
 from mwn.cli import check_ranks
 from mwn.core.methods import METHODS
-from mwn.core.models import MetaNet, build_classifier, extract_state
+from mwn.core.models import ClassAwareMetaNet, MetaNet, build_classifier, extract_state
 from mwn.core.step import init_state
 from mwn.report import plot_run_or_note
 from mwn.run import checkpoint
@@ -49,9 +49,15 @@ def _run(r: dict, method: str):
     """A run's float64 model, meta-net, state and hyperparameters."""
     torch.manual_seed(r["seed"])
     model = build_classifier("resnet", 10, 1, 8, 4).double()
-    meta_net = MetaNet(r["hidden"], 1).double()
+    cmw = method == "cmw"  # class groups of the run's own counts: a run constant
+    meta_net = (
+        ClassAwareMetaNet(r["hidden"], 1, groups=3) if cmw else MetaNet(r["hidden"], 1)
+    ).double()
     params, buffers = extract_state(model)
     state = init_state(params, buffers, extract_state(meta_net)[0])
+    if cmw:
+        head = int(1000 * r["head"])
+        state.update(meta_net.constants([head, 300, 200, 90, 60, 40, 20, 10, 5, 1 + r["seed"]]))
     hp = step_hp(meta_lr=r["meta_lr"], weight_decay=r["weight_decay"], nesterov=True)
     if method == "focal":
         hp = replace(hp, focal_gamma=2.0)
@@ -67,16 +73,18 @@ def _batches(r: dict, it: int):
     return (x, y), (xm, torch.randint(0, 10, (10,), generator=g))
 
 
-@pytest.mark.parametrize("method", ["mwn", "erm", "l2rw", "focal", "mwn_jvp_rule"])
+@pytest.mark.parametrize("method", ["mwn", "erm", "l2rw", "focal", "mwn_jvp_rule", "cmw"])
 def test_a_group_step_equals_its_runs_one_by_one_in_float64(method, monkeypatch):
     if method == "mwn_jvp_rule":  # BatchNorm's own forward-mode rule (CIFAR-sized activations)
         monkeypatch.setattr("mwn.core.batchnorm.JVP_RULE_MIN_SIZE", 0)
         method = "mwn"
     runs = [_run(r, method) for r in RUNS]
-    step = STEPS[method]
+    step = STEPS["mwn" if method == "cmw" else method]
     singles = [state for _, _, state, _ in runs]
     # the group: one meta-net of the largest hidden size, the runs' states padded to it
-    template = MetaNet(100, 1).double()
+    template = (
+        ClassAwareMetaNet(100, 1, groups=3) if method == "cmw" else MetaNet(100, 1)
+    ).double()
     shapes, own_shapes = meta_shapes(template), [meta_shapes(m) for _, m, _, _ in runs]
     hps = [{k: getattr(hp, k) for k in PER_RUN_HP} for *_, hp in runs]
     group = group_state(singles, hps, shapes)
@@ -94,7 +102,9 @@ def test_a_group_step_equals_its_runs_one_by_one_in_float64(method, monkeypatch)
         for part in ("params", "buffers", "momentum", "meta_params"):
             assert rel_err(mine[part], singles[k][part]) < 1e-12, (k, part)
         assert rel_err(mine["meta_opt"]["exp_avg"], singles[k]["meta_opt"]["exp_avg"]) < 1e-12
-    if method == "mwn":  # the meta-nets did move (different meta learning rates, per run)
+    if method == "cmw":  # the runs' own class groups differ
+        assert len({tuple(s["meta_groups"].tolist()) for s in singles}) > 1
+    if method in ("mwn", "cmw"):  # the meta-nets did move (different meta learning rates, per run)
         moved = [
             rel_err(run_state(group, k, own_shapes[k])["meta_params"], s["meta_params"])
             for k, s in enumerate(_run(r, method)[2] for r in RUNS)
