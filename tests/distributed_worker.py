@@ -13,7 +13,7 @@ import torch
 
 from mwn.core.batchnorm import synchronised
 from mwn.core.methods import METHODS
-from mwn.core.models import MetaNet, ResNet, extract_state
+from mwn.core.models import ClassAwareMetaNet, MetaNet, ResNet, extract_state
 from mwn.core.optim import adam_init
 from mwn.core.sums import LOCAL, AllReduce
 from mwn.run.ranks import process_group, ranks_from_env
@@ -32,16 +32,17 @@ CASES = {  # name: (method, sync_bn, hyperparameters)
     ),
     "erm_sync": ("erm", True, step_hp(weight_decay=5e-3, normalize_weights=False)),
     "mwn_local_bn": ("mwn", False, step_hp(weight_decay=5e-3, normalize_weights=True)),
+    "cmw_sync_normalized": ("mwn", True, step_hp(weight_decay=5e-3, normalize_weights=True)),
     "erm_local_bn": ("erm", False, step_hp(weight_decay=5e-3, normalize_weights=False)),
 }
 
 
-def make_case(seed: int = 0):
-    """A small float64 ResNet with BatchNorm, a meta-net, their state, and STEPS global
-    (batch, meta batch) pairs."""
+def make_case(seed: int = 0, meta: str = "mlp"):
+    """A small float64 ResNet with BatchNorm, a meta-net (MW-Net's, or CMW-Net's with class
+    groups of made-up counts), their state, and STEPS global (batch, meta batch) pairs."""
     torch.manual_seed(seed)
     model = ResNet(5, depth=8, width=4, in_channels=1).double()
-    meta_net = MetaNet(7).double()
+    meta_net = (MetaNet(7) if meta == "mlp" else ClassAwareMetaNet(7, 1, groups=3)).double()
     params, buffers = extract_state(model)
     meta_params, _ = extract_state(meta_net)
     state = {
@@ -50,6 +51,7 @@ def make_case(seed: int = 0):
         "momentum": {k: 0.1 * torch.randn_like(v) for k, v in params.items()},
         "meta_params": meta_params,
         "meta_opt": adam_init(meta_params),
+        **(meta_net.constants([50, 40, 10, 8, 1]) if meta == "cmw" else {}),
     }
     data = lambda n: (torch.randn(n, 1, 8, 8, dtype=torch.float64), torch.randint(0, 5, (n,)))
     batches = [(data(BATCH), data(META_BATCH)) for _ in range(STEPS)]
@@ -59,7 +61,7 @@ def make_case(seed: int = 0):
 def run(case: str, rows=slice(None), meta_rows=slice(None), reduce=LOCAL) -> list[dict]:
     """The case's STEPS iterations on the given rows of each global batch; state after each."""
     method, sync_bn, hp = CASES[case]
-    model, meta_net, state, batches = make_case()
+    model, meta_net, state, batches = make_case(meta="cmw" if case.startswith("cmw") else "mlp")
     if sync_bn and reduce is not LOCAL:
         model = synchronised(model)
     step = STEP_FUNCTIONS[method]
