@@ -119,7 +119,7 @@ class MetaReweighter:
             focal_gamma=focal_gamma,
             class_balanced_beta=class_balanced_beta,
         )
-        self.schedule = Schedule(meta_interval, meta_start if self.method.meta_net else 0)
+        self.schedule = Schedule(meta_interval, meta_start)  # 0 without a meta-net (refused above)
         self.reduce = LOCAL
         if distributed and dist.get_world_size() > 1:
             self.reduce = AllReduce(dist.get_world_size(), sync_bn)

@@ -138,6 +138,30 @@ META_INITS = ("random", "flat")
 FLAT_SCALE = 0.01  # meta_init=flat: the output layer's random weights times this
 
 
+def hidden_layers(hidden_size: int, num_layers: int, init: str) -> list[nn.Module]:
+    """A meta-net's hidden layers on a loss: (Linear, ReLU) x num_layers, 1 -> hidden_size
+    -> ... (`init` checked here, for every meta-net)."""
+    if init not in META_INITS:
+        raise ValueError(f"init={init!r}: allowed values are {' | '.join(META_INITS)}")
+    layers: list[nn.Module] = []
+    width = 1
+    for _ in range(num_layers):
+        layers += [nn.Linear(width, hidden_size), nn.ReLU()]
+        width = hidden_size
+    return layers
+
+
+def output_layer(width: int, outputs: int, init: str) -> nn.Linear:
+    """A meta-net's output layer (before the sigmoid); flat: its weights scaled by FLAT_SCALE,
+    its biases zero."""
+    layer = nn.Linear(width, outputs)
+    if init == "flat":
+        with torch.no_grad():
+            layer.weight.mul_(FLAT_SCALE)
+            layer.bias.zero_()
+    return layer
+
+
 class MetaNet(nn.Module):
     """Loss -> weight: 1 -> hidden_size (x num_layers, ReLU) -> 1, sigmoid. Input is (B,).
 
@@ -154,18 +178,8 @@ class MetaNet(nn.Module):
 
     def __init__(self, hidden_size: int = 100, num_layers: int = 1, init: str = "random") -> None:
         super().__init__()
-        if init not in META_INITS:
-            raise ValueError(f"init={init!r}: allowed values are {' | '.join(META_INITS)}")
-        layers: list[nn.Module] = []
-        width = 1
-        for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden_size), nn.ReLU()]
-            width = hidden_size
-        layers.append(nn.Linear(width, 1))
-        if init == "flat":
-            with torch.no_grad():
-                layers[-1].weight.mul_(FLAT_SCALE)
-                layers[-1].bias.zero_()
+        layers = hidden_layers(hidden_size, num_layers, init)
+        layers.append(output_layer(hidden_size if num_layers else 1, 1, init))
         self.net = nn.Sequential(*layers)
 
     def forward(
@@ -241,21 +255,10 @@ class ClassAwareMetaNet(nn.Module):
         self, hidden_size: int = 100, num_layers: int = 1, init: str = "random", groups: int = 3
     ) -> None:
         super().__init__()
-        if init not in META_INITS:
-            raise ValueError(f"init={init!r}: allowed values are {' | '.join(META_INITS)}")
         if groups < 1:
             raise ValueError(f"meta_net.groups={groups}: allowed values are integers >= 1")
-        layers: list[nn.Module] = []
-        width = 1
-        for _ in range(num_layers):
-            layers += [nn.Linear(width, hidden_size), nn.ReLU()]
-            width = hidden_size
-        self.trunk = nn.Sequential(*layers)
-        self.heads = nn.Linear(width, groups)
-        if init == "flat":
-            with torch.no_grad():
-                self.heads.weight.mul_(FLAT_SCALE)
-                self.heads.bias.zero_()
+        self.trunk = nn.Sequential(*hidden_layers(hidden_size, num_layers, init))
+        self.heads = output_layer(hidden_size if num_layers else 1, groups, init)
         self.groups = groups
 
     def forward(

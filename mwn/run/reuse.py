@@ -21,9 +21,8 @@ FROM = "meta_net_from.json"
 
 
 def _shape_of(settings: dict) -> str:
-    net = settings.get("meta_net")
-    name = net.get("name") if isinstance(net, dict) else net
-    groups = net.get("groups", 1) if isinstance(net, dict) else 1
+    net = settings["meta_net"]  # a dict: checkpoint._upgraded names an older one's string
+    name, groups = net.get("name"), net.get("groups", 1)
     hidden, layers = settings.get("hidden_size"), settings.get("num_layers")
     return f"meta_net={name} hidden_size={hidden} num_layers={layers} meta_net.groups={groups}"
 
