@@ -9,6 +9,7 @@ rank trains on its shard of each global batch and rank 0 alone validates and wri
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -85,6 +86,17 @@ def main(cfg: DictConfig) -> float | None:
     return summary["final_test_acc"]
 
 
+def leave_at_once(code: int) -> None:
+    """Exit without the interpreter's teardown, for a torchrun rank whose work is done: what
+    that teardown frees includes gloo's transport (threads, sockets), and a rank has been seen
+    to abort after finishing ("terminate called without an active exception", exit -6) while
+    another was still writing. Everything the run leaves is written; flush what is buffered."""
+    logging.shutdown()  # Hydra's file handlers: train.log complete
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def finished_job(member: Member) -> None:
     """A vectorised group's run is done: its plots and its labelled result line."""
     plot_run_or_note(member.run.out_dir)
@@ -117,3 +129,5 @@ if __name__ == "__main__":
     from mwn.train import main as importable_main
 
     importable_main()
+    if ranks.torchrun:  # a finished rank: its files written, its process group destroyed
+        leave_at_once(0)

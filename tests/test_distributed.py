@@ -31,8 +31,18 @@ from conftest import assert_same_run, final_state, rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+# PYTHONFAULTHANDLER: a rank that aborts prints where it was (Python's traceback) to stderr
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
 GROUPS = ("params", "buffers", "momentum", "meta_params")
+
+
+def failed(proc: subprocess.CompletedProcess) -> str:
+    """What a failed torchrun printed: the start and the end of both streams."""
+
+    def ends(text: str) -> str:
+        return text if len(text) < 6000 else f"{text[:2000]}\n[...]\n{text[-4000:]}"
+
+    return f"exit {proc.returncode}\nstdout:\n{ends(proc.stdout)}\nstderr:\n{ends(proc.stderr)}"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +53,7 @@ def two_ranks(tmp_path_factory) -> list[dict]:
     proc = subprocess.run(
         [*TORCHRUN, str(worker), str(out)], env=ENV, capture_output=True, text=True, timeout=600
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failed(proc)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 
@@ -205,7 +215,7 @@ def torchrun_run(tmp_path_factory) -> Path:
     """An uninterrupted 2-process run."""
     folder = tmp_path_factory.mktemp("torchrun") / "run"
     proc = torchrun(folder)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failed(proc)
     assert proc.stdout.count("IF 20 || Best Acc. (on test)") == 1  # rank 0 alone reports
     return folder
 
@@ -229,7 +239,7 @@ def test_torchrun_trains_the_run_one_process_trains(torchrun_run, tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failed(proc)
     worlds = [
         torch.load(checkpoint.checkpoints(f)[0], weights_only=True)["world"]
         for f in (torchrun_run, one)
@@ -245,7 +255,7 @@ def test_torchrun_trains_the_run_one_process_trains(torchrun_run, tmp_path):
     # BatchNorm through the cross-rank sum): still the one-process model
     single = tmp_path / "single"
     proc = torchrun(single, nproc=1)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failed(proc)
     assert "torchrun, world size 1: each rank takes 100 of every 100" in proc.stdout
     assert_close_models(single, one)
 
@@ -269,7 +279,7 @@ def test_torchrun_stops_on_sigterm_and_the_same_command_resumes_bit_identically(
     saved = checkpoint.checkpoints(folder)[0]
     assert 4 <= int(saved.stem.split("-")[1]) < 12
     again = torchrun(folder)
-    assert again.returncode == 0, again.stderr[-4000:]
+    assert again.returncode == 0, failed(again)
     assert "resuming from" in again.stdout + again.stderr
     assert_same_run(folder, torchrun_run)  # state, metrics.jsonl and summary, bit for bit
 
