@@ -141,6 +141,7 @@ class Config:
     fp16: bool = MISSING
     bf16: bool = MISSING
     meta_grad: MetaGrad = MISSING
+    finite_difference_eps: float = MISSING
     meta_interval: int = MISSING
     meta_start: int = MISSING
     meta_start_epoch: Optional[int] = MISSING  # noqa: UP045
@@ -278,6 +279,11 @@ def check_config(cfg: DictConfig, torchrun_world: int | None = None) -> None:
         "meta_lr",
         "finite real numbers >= 0 (0: the meta-net stays fixed)",
     )
+    need(
+        finite(cfg.finite_difference_eps) and cfg.finite_difference_eps > 0,
+        "finite_difference_eps",
+        "finite real numbers > 0",
+    )
     _check_meta(cfg, need)
     for key in ("weight_decay", "meta_weight_decay", "momentum", "focal_gamma"):
         v = OmegaConf.select(cfg, key)
@@ -400,7 +406,7 @@ def _check_torchrun(cfg: DictConfig, world: int, need) -> None:
     procs = f"torchrun's {world} process{'es' if world > 1 else ''}"
     for key in ("batch_size", "meta_batch_size"):
         need(cfg[key] % world == 0, key, f"multiples of the number of {procs}")
-    need(cfg.meta_grad == "jvp", "meta_grad", f"jvp under {procs}")
+    need(cfg.meta_grad != "double_backward", "meta_grad", f"jvp | finite_difference under {procs}")
     for key in ("compile", "cuda_graphs"):
         need(not cfg[key], key, f"false under {procs} (not supported yet)")
 

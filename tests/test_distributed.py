@@ -152,7 +152,7 @@ def test_batch_sizes_must_split_evenly_over_the_processes(tmp_path):
         check_config(make_cfg("meta_batch_size=51"), torchrun_world=2)
     with pytest.raises(
         ConfigError,
-        match=r"^meta_grad=double_backward: allowed values are jvp "
+        match=r"^meta_grad=double_backward: allowed values are jvp \| finite_difference "
         r"under torchrun's 1 process$",
     ):
         check_config(make_cfg("meta_grad=double_backward"), torchrun_world=1)

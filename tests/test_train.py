@@ -190,7 +190,10 @@ def test_cli_runs_the_real_cifar_path_end_to_end(tmp_path):
             ["method=l2rv"],
             "method=l2rv: allowed values are mwn | erm | focal | class_balanced | l2rw",
         ),
-        (["meta_grad=finite"], "meta_grad=finite: allowed values are jvp | double_backward"),
+        (
+            ["meta_grad=fd"],
+            "meta_grad=fd: allowed values are jvp | double_backward | finite_difference",
+        ),
         (["noise=gaussian"], "noise=gaussian: allowed values are none | uniform | flip | flip2"),
         (["model.width=0"], "model.width=0: allowed values are integers >= 1"),
         (["model=wrn28_10", "model.depth=27"], "model.depth=27: allowed values are 6n + 4 >= 10"),

@@ -65,6 +65,7 @@ class MetaReweighter:
         meta_interval: int = 1,
         meta_start: int = 0,
         meta_grad: str = "jvp",
+        finite_difference_eps: float = 0.01,
         amp: str | None = None,
         class_counts: list[int] | None = None,
         focal_gamma: float = 1.0,
@@ -74,6 +75,11 @@ class MetaReweighter:
         choose("method", method, tuple(METHODS))
         choose("meta_grad", meta_grad, tuple(META_GRADS))
         choose("amp", amp, AMPS)
+        if not 0 < finite_difference_eps < float("inf"):
+            raise SettingError(
+                f"finite_difference_eps={finite_difference_eps}: allowed values are finite "
+                "real numbers > 0"
+            )
         if meta_interval < 1:
             raise SettingError(f"meta_interval={meta_interval}: allowed values are integers >= 1")
         self.method = METHODS[method]
@@ -114,6 +120,7 @@ class MetaReweighter:
             rollback=rollback,
             normalize_weights=normalize_weights,
             meta_grad=meta_grad,
+            finite_difference_eps=finite_difference_eps,
             fp16=amp == "fp16",
             bf16=amp == "bf16",
             focal_gamma=focal_gamma,

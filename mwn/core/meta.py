@@ -2,10 +2,12 @@
 state and a batch (the state's layout: mwn.core.step).
 
 The meta-gradient methods (d meta loss / d Theta through the lookahead) live in one registry,
-META_GRADS: `jvp` (the identity, exact and cheap) and `double_backward` (autodiff through the
-unrolled step, the reference). A method is written for fp32 in one process; the two things that
-change the arithmetic around it, the fp16 loss scale and the sums over torchrun's ranks, enter
-through one object, `Sums` (mwn.core.sums), that it takes every gradient through.
+META_GRADS: `jvp` (the identity, exact and cheap), `double_backward` (autodiff through the
+unrolled step, the reference) and `finite_difference` (the identity's dot products by central
+differences, as DARTS and Betty's `darts` hypergradient: approximate). A method is written for
+fp32 in one process; the two things that change the arithmetic around it, the fp16 loss scale
+and the sums over torchrun's ranks, enter through one object, `Sums` (mwn.core.sums), that it
+takes every gradient through.
 """
 
 from __future__ import annotations
@@ -78,6 +80,23 @@ def jvp_meta_grad(
     for Adam(W) a diagonal, elementwise in G (mwn.core.optim.adam_step_and_scale). The n dot
     products are ONE forward-mode JVP of the loss vector along D g: no double backward. The
     chain rule through v(Theta) is the weights' small VJP."""
+    return through_lookahead(model, state, batch, meta_batch, lr, hp, train, sums, loss_dots)
+
+
+def finite_difference_meta_grad(
+    model, meta_net, state, batch, meta_batch, lr, hp: StepHP, train: TrainPass, sums: Sums
+) -> MetaGrad:
+    """The same identity with its dot products from central differences, as DARTS (Liu et al.
+    2019) and Betty's `darts` hypergradient: (D g) . grad L_i(w) ~ (L_i(w + r D g) -
+    L_i(w - r D g)) / 2r with r = finite_difference_eps / ||D g||, two forwards of the training
+    batch in place of the JVP. Approximate: its error is O(r^2) from the curvature plus the
+    losses' rounding over 2r."""
+    return through_lookahead(model, state, batch, meta_batch, lr, hp, train, sums, difference_dots)
+
+
+def through_lookahead(model, state, batch, meta_batch, lr, hp, train, sums, dots) -> MetaGrad:
+    """The lookahead, the meta loss at it and the chain rule down to Theta, with the n dot
+    products (D g) . grad L_i(w) from `dots` (loss_dots: exact; difference_dots: approximate)."""
     params, buffers = state["params"], state["buffers"]
     (_, y), (xm, ym) = batch, meta_batch
     n = y.shape[0] * sums.reduce.world  # the global batch size
@@ -88,11 +107,30 @@ def jvp_meta_grad(
     g_meta, meta_loss = sums.grad_of_mean(
         lambda p: mean_loss(model, p, buffers, xm, ym, hp.amp), ahead[0]
     )
-    # (J D g)_i = (D g) . grad L_i(w) for all i in one JVP, then the VJP through v(Theta)
+    # (J D g)_i = (D g) . grad L_i(w) for all i, then the VJP through v(Theta)
     tangent, a = scaled_tangent(g_meta, a)
-    jg, t = loss_dots(model, params, buffers, batch, tangent, hp, sums)
+    jg, t = dots(model, params, buffers, batch, tangent, hp, sums)
     (meta_grad,) = train.weights_pullback(jg * (-a / n) / t)
     return MetaGrad(sums.total(meta_grad), meta_loss, tuple(ahead))
+
+
+def difference_dots(model, params, buffers, batch: Batch, g: Tensors, hp: StepHP, sums: Sums):
+    """(dots, 1): g . grad_w L_i(w) for every sample i by a central difference along g, of
+    step r = finite_difference_eps / ||g|| in parameter space (DARTS's choice: relative to the
+    norm, so the parameters move by finite_difference_eps whatever g's scale). The forwards are
+    in training mode like the JVP's (BatchNorm on the batch's statistics); their running
+    statistics are dropped."""
+    x, y = batch
+    norm = torch.stack([v.square().sum() for v in g.values()]).sum().sqrt()
+    r = hp.finite_difference_eps / norm.clamp(min=1e-30)  # g = 0: both sides at w, dots 0
+    with torch.no_grad():
+        side = [
+            per_sample_loss(
+                model, {k: p + s * g[k] for k, p in params.items()}, buffers, x, y, hp.amp
+            )[0]
+            for s in (r, -r)
+        ]
+    return (side[0] - side[1]) / (2 * r), 1.0
 
 
 def double_backward_meta_grad(
@@ -124,6 +162,7 @@ def double_backward_meta_grad(
 META_GRADS: dict[str, Callable[..., MetaGrad]] = {
     "jvp": jvp_meta_grad,
     "double_backward": double_backward_meta_grad,
+    "finite_difference": finite_difference_meta_grad,
 }
 
 

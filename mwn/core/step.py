@@ -65,6 +65,7 @@ class StepHP:
     fp16: bool  # float16 autocast for the classifier, dynamic loss scaling
     bf16: bool  # bfloat16 autocast for the classifier (fp32's range: no loss scaling)
     meta_grad: str  # a key of mwn.core.meta.META_GRADS
+    finite_difference_eps: float  # meta_grad=finite_difference: the step, as a parameter norm
     focal_gamma: float  # method=focal: the exponent of (1 - p)
     class_balanced_beta: float  # method=class_balanced: its run constant's beta
 
