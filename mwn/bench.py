@@ -5,6 +5,8 @@ hyperparameters of the trainer's composed config (its defaults, or the overrides
     erm              plain training: forward, backward, SGD step
     mwn              MWN iteration, exact JVP meta-gradient, rollback=true
     mwn_no_rollback  the same with rollback=false
+    finite_difference, fd_no_rollback  the mwn variants with meta_grad=finite_difference: the
+                     dot products by central differences (Betty's darts approximation)
     double_backward  MWN iteration whose meta-gradient is autodiff through the unrolled step
                      (create_graph=True), as the original MWN code computes it; rollback=true
     mwn_adamw        the mwn variant with AdamW as the classifier's optimiser (its exact
@@ -21,6 +23,10 @@ the time to draw one augmented batch from the device-resident dataset.
 With --runs K1,K2,... each variant is also timed as a vectorised group of K runs (the step of
 hydra/launcher=vmap, mwn.run.group: K states, K different batches, one vmapped step), reported as
 "VARIANT xK": ms per group iteration, ms per run, and runs per second over K single runs'.
+
+With --profile, one MWN iteration is also cut into its stages (mwn.bench_stages), each timed in
+interleaved rounds for jvp and finite_difference, with and without roll back: ms per stage and
+its multiple of one forward of the training batch.
 
 With --stream, drawing one augmented batch is also timed from a temporary folder of random JPEG
 files of the --shape (--stream-images of them), held on the device against streamed from disk
@@ -61,6 +67,8 @@ VARIANTS = (
     "erm",
     "mwn",
     "mwn_no_rollback",
+    "finite_difference",
+    "fd_no_rollback",
     "double_backward",
     "mwn_adamw",
     "reweighter",
@@ -101,6 +109,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="also time drawing a batch from JPEG files streamed from disk (mwn.data.streaming)",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also time each stage of one MWN iteration (mwn.bench_stages); fp32 eager",
+    )
     p.add_argument("--stream-images", type=int, default=2000, help="JPEGs written for --stream")
     p.add_argument("--stream-workers", type=int, default=2, help="DataLoader workers (default 2)")
     p.add_argument("--json", default="bench.json", help="where to write the results")
@@ -130,6 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--runs {args.runs}: allowed values are >= 1")
     if args.stream and not args.batch_size <= args.stream_images:
         p.error(f"--stream-images {args.stream_images}: allowed values are >= --batch-size")
+    if args.profile and (args.fp16 or args.bf16 or args.compile or args.cuda_graphs):
+        p.error("--profile times the fp32 eager stages: drop --fp16/--bf16/--compile/--cuda-graphs")
     if args.stream_workers < 0:
         p.error(f"--stream-workers {args.stream_workers}: allowed values are >= 0")
     if args.compile or args.cuda_graphs or args.channels_last:  # the wrapper runs eager, NCHW
@@ -173,6 +188,14 @@ def setup(args: argparse.Namespace) -> dict:
         "erm": (METHODS["erm"].step, hp),
         "mwn": (METHODS["mwn"].step, replace(hp, rollback=True, meta_grad="jvp")),
         "mwn_no_rollback": (METHODS["mwn"].step, replace(hp, rollback=False, meta_grad="jvp")),
+        "finite_difference": (
+            METHODS["mwn"].step,
+            replace(hp, rollback=True, meta_grad="finite_difference"),
+        ),
+        "fd_no_rollback": (
+            METHODS["mwn"].step,
+            replace(hp, rollback=False, meta_grad="finite_difference"),
+        ),
         "double_backward": (
             METHODS["mwn"].step,
             replace(hp, rollback=True, meta_grad="double_backward"),
@@ -222,6 +245,8 @@ def setup(args: argparse.Namespace) -> dict:
     return {
         "model": name,
         "hp": {name: shp for name, (_, shp) in specs.items()},
+        "models": (model, meta_net),
+        "inputs": (state, batch, meta_batch, lr),
         "device": device,
         "calls": calls,
         "draw": draw,
@@ -395,6 +420,21 @@ def main(argv: list[str] | None = None) -> dict:
             for name in env["calls"]
             if " x" in name
         }
+    for a, b in (("mwn", "finite_difference"), ("mwn_no_rollback", "fd_no_rollback")):
+        if a in med and b in med:
+            report[f"{a}_over_{b}"] = med[a] / med[b]
+    if args.profile:
+        from mwn.bench_stages import profile
+
+        names = ("mwn", "mwn_no_rollback", "finite_difference", "fd_no_rollback")
+        report["profile"] = profile(
+            *env["models"],
+            *env["inputs"],
+            {k: env["hp"][k] for k in names},
+            args.iters,
+            args.warmup,
+            lambda: sync(env["device"]),
+        )
     if args.stream:
         report["stream"] = time_streaming(args)
     if memory.get("erm"):
@@ -440,6 +480,13 @@ def print_report(args: argparse.Namespace, report: dict) -> None:
             )
     if "mwn_over_double_backward" in report:
         print(f"mwn / double_backward: {report['mwn_over_double_backward']:.2f}")
+    for a, b in (("mwn", "finite_difference"), ("mwn_no_rollback", "fd_no_rollback")):
+        if f"{a}_over_{b}" in report:
+            print(f"{a} / {b}: {report[f'{a}_over_{b}']:.3f}")
+    if "profile" in report:
+        from mwn.bench_stages import print_profile
+
+        print_profile(report["profile"], args.iters)
     for name in ("mwn_adamw", "reweighter"):
         if f"{name}_over_mwn" in report:
             print(f"{name} / mwn: {report[f'{name}_over_mwn']:.3f}")

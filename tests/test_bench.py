@@ -71,3 +71,65 @@ def test_bench_times_vectorised_groups_per_run(tmp_path, capsys):
     for bad in ("0", "two"):
         with pytest.raises(SystemExit):
             bench.parse_args(["--runs", bad])
+
+
+@pytest.mark.parametrize("rollback", [True, False], ids=["rollback", "no_rollback"])
+@pytest.mark.parametrize("meta_grad", ["jvp", "finite_difference"])
+def test_the_profiled_iteration_is_the_real_step_bit_for_bit(meta_grad, rollback):
+    """The stages the profile times are mwn_step's, in their order: the same new state and
+    metrics to the bit, every stage marked once."""
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    from mwn.bench_stages import STAGES, staged_iteration
+    from mwn.core.meta import mwn_step
+    from mwn.core.models import MetaNet, ResNet, extract_state
+    from mwn.core.step import init_state
+
+    from conftest import step_hp
+
+    torch.manual_seed(0)
+    model, meta_net = ResNet(5, depth=8, width=4, in_channels=1), MetaNet(16, init="flat")
+    params, buffers = extract_state(model)
+    state = init_state(params, buffers, extract_state(meta_net)[0])
+    state["momentum"] = {k: 0.1 * torch.randn_like(v) for k, v in params.items()}
+    batch = (torch.randn(12, 1, 8, 8), torch.randint(0, 5, (12,)))
+    meta_batch = (torch.randn(6, 1, 8, 8), torch.randint(0, 5, (6,)))
+    hp = step_hp(meta_grad=meta_grad, rollback=rollback, meta_lr=1e-2)
+    want = mwn_step(model, meta_net, state, batch, meta_batch, 0.1, hp)
+    marks = []
+    got = staged_iteration(model, meta_net, state, batch, meta_batch, 0.1, hp, marks.append)
+    assert marks == list(STAGES)
+    (a, spec_a), (b, spec_b) = tree_flatten(got), tree_flatten(want)
+    assert spec_a == spec_b and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(
+        got[0]["meta_params"]["net.0.weight"], state["meta_params"]["net.0.weight"]
+    )
+
+
+def test_bench_profiles_the_stages_and_sets_jvp_against_finite_differences(tmp_path, capsys):
+    from mwn.bench_stages import STAGES
+
+    variants = "erm,mwn,mwn_no_rollback,finite_difference,fd_no_rollback"
+    args = [*TINY, "--variants", variants, "--no-memory", "--profile"]
+    report = bench.main([*args, "--json", str(tmp_path / "b.json")])
+    assert report["step_hp"]["finite_difference"]["meta_grad"] == "finite_difference"
+    assert not report["step_hp"]["fd_no_rollback"]["rollback"]
+    assert (
+        report["mwn_over_finite_difference"]
+        == report["ms"]["mwn"] / report["ms"]["finite_difference"]
+    )
+    profile = report["profile"]
+    assert set(profile["settings"]) == {
+        "mwn",
+        "mwn_no_rollback",
+        "finite_difference",
+        "fd_no_rollback",
+    }
+    for rows in profile["settings"].values():
+        assert set(rows) == {*STAGES, "total"} and all(len(r) == 4 for r in rows.values())
+        assert rows["meta_grad"]["forwards"] == rows["meta_grad"]["ms"] / profile["forward_ms"]
+    out = capsys.readouterr().out
+    assert "mwn / finite_difference:" in out and "weights_pullback" in out
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--profile", "--bf16"])
