@@ -9,7 +9,8 @@ real step bit for bit. The stages, in the order one iteration runs them:
     weighted_pull     grad_w (1/n) sum_i v_i L_i(w): the training batch's backward
     lookahead         the optimiser's step to w' and its scale D
     meta_grad         forward and backward of the meta batch at w'
-    dots              (D g) . grad L_i(w) for every i: one JVP, or two forwards (finite_difference)
+    dots              (D g) . grad L_i(w) for every i: the tangent pass on the saved activations
+                      (or a whole JVP), or two forwards (finite_difference)
     weights_pullback  the chain rule through V down to Theta
     adam              the meta-net's Adam step
     rollback          the weights of the new meta-net and the classifier's step on them (a second
@@ -41,6 +42,7 @@ from mwn.core.step import (
     scaled_tangent,
 )
 from mwn.core.sums import LOCAL
+from mwn.core.tangents import saves_activations
 
 STAGES = (
     "forward_vjp",
@@ -69,9 +71,15 @@ def staged_iteration(
     (x, y), (xm, ym) = batch, meta_batch
     params, buffers, constants = state["params"], state["buffers"], run_constants(state)
     sums, n = hp.sums(state, LOCAL), y.shape[0]
-    losses, pullback, new_buffers = vjp(
-        lambda p: per_sample_loss(model, p, buffers, x, y), params, has_aux=True
-    )
+    keep = hp.meta_grad == "jvp" and saves_activations(model, None)
+
+    def forward(p):
+        saved = [] if keep else None
+        losses, new_buffers = per_sample_loss(model, p, buffers, x, y, None, saved)
+        return losses, (new_buffers, saved or [])
+
+    losses, pullback, (new_buffers, saved) = vjp(forward, params, has_aux=True)
+    saved = saved or None
     mark("forward_vjp")
     weights, weights_pullback = vjp(
         lambda th: sample_weights(meta_net, th, losses, y, constants, hp.normalize_weights),
@@ -85,7 +93,7 @@ def staged_iteration(
     g_meta, meta_loss = sums.grad_of_mean(lambda p: mean_loss(model, p, buffers, xm, ym), ahead[0])
     mark("meta_grad")
     tangent, a = scaled_tangent(g_meta, a)
-    jg, t = DOTS[hp.meta_grad](model, params, buffers, batch, tangent, hp, sums)
+    jg, t = DOTS[hp.meta_grad](model, params, buffers, batch, tangent, hp, sums, saved)
     mark("dots")
     (meta_grad,) = weights_pullback(jg * (-a / n) / t)
     meta_grad = sums.total(meta_grad)

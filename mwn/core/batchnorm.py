@@ -69,6 +69,15 @@ class _Rules:
         args = (x, self.weight, self.bias, self.running_mean, self.running_var)
         return _TrainBatchNorm.apply(*args, self.momentum, self.eps)[0]
 
+    def with_stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Training-mode forward of an fp32 input that also returns its batch statistics (mean,
+        1 / std per channel) for a tangent pass (mwn.core.tangents): PyTorch's own kernel, the
+        one F.batch_norm runs on these inputs, so the output and running statistics are the
+        same to the bit."""
+        self.num_batches_tracked.add_(1)
+        args = (x, self.weight, self.bias, self.running_mean, self.running_var)
+        return torch.native_batch_norm(*args, True, self.momentum, self.eps)
+
 
 class _SyncRules:
     """Training-mode statistics of the global batch: one sum over the ranks per pass (count,

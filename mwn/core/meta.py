@@ -31,6 +31,7 @@ from mwn.core.step import (
     scaled_tangent,
 )
 from mwn.core.sums import LOCAL, Reduce, Sums, skip_if_overflow
+from mwn.core.tangents import saves_activations
 from mwn.core.types import Batch, Tensors
 
 # ---------------------------------------------------------------- meta-gradient methods
@@ -44,6 +45,7 @@ class TrainPass(NamedTuple):
     new_buffers: Tensors  # BatchNorm statistics after this batch
     weights: torch.Tensor  # V(L_i; Theta), normalised when asked
     weights_pullback: Callable  # u -> (sum_i u_i d weights_i / d Theta,)
+    saved: list | None  # the forward's activations for the tangent pass (None: a full JVP)
 
 
 class MetaGrad(NamedTuple):
@@ -59,16 +61,20 @@ def train_pass(model, meta_net, state: dict, batch: Batch, hp: StepHP, reduce: R
     """Losses at w with their VJP, and the meta-net's weights with theirs."""
     x, y = batch
     constants = run_constants(state)
-    losses, pullback, new_buffers = vjp(
-        lambda p: per_sample_loss(model, p, state["buffers"], x, y, hp.amp),
-        state["params"],
-        has_aux=True,
-    )
+    keep = hp.meta_grad == "jvp" and saves_activations(model, hp.amp)
+
+    def forward(p):
+        saved = [] if keep else None  # (aux may not hold None: [] then)
+        losses, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp, saved)
+        return losses, (new_buffers, saved or [])
+
+    losses, pullback, (new_buffers, saved) = vjp(forward, state["params"], has_aux=True)
+    saved = saved or None
     weights, weights_pullback = vjp(
         lambda th: sample_weights(meta_net, th, losses, y, constants, hp.normalize_weights, reduce),
         state["meta_params"],
     )
-    return TrainPass(losses, pullback, new_buffers, weights, weights_pullback)
+    return TrainPass(losses, pullback, new_buffers, weights, weights_pullback, saved)
 
 
 def jvp_meta_grad(
@@ -109,17 +115,19 @@ def through_lookahead(model, state, batch, meta_batch, lr, hp, train, sums, dots
     )
     # (J D g)_i = (D g) . grad L_i(w) for all i, then the VJP through v(Theta)
     tangent, a = scaled_tangent(g_meta, a)
-    jg, t = dots(model, params, buffers, batch, tangent, hp, sums)
+    jg, t = dots(model, params, buffers, batch, tangent, hp, sums, train.saved)
     (meta_grad,) = train.weights_pullback(jg * (-a / n) / t)
     return MetaGrad(sums.total(meta_grad), meta_loss, tuple(ahead))
 
 
-def difference_dots(model, params, buffers, batch: Batch, g: Tensors, hp: StepHP, sums: Sums):
+def difference_dots(
+    model, params, buffers, batch: Batch, g: Tensors, hp: StepHP, sums: Sums, saved=None
+):
     """(dots, 1): g . grad_w L_i(w) for every sample i by a central difference along g, of
     step r = finite_difference_eps / ||g|| in parameter space (DARTS's choice: relative to the
     norm, so the parameters move by finite_difference_eps whatever g's scale). The forwards are
     in training mode like the JVP's (BatchNorm on the batch's statistics); their running
-    statistics are dropped."""
+    statistics are dropped. (`saved`: the exact method's activations, not needed here.)"""
     x, y = batch
     norm = torch.stack([v.square().sum() for v in g.values()]).sum().sqrt()
     r = hp.finite_difference_eps / norm.clamp(min=1e-30)  # g = 0: both sides at w, dots 0

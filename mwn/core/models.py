@@ -34,14 +34,26 @@ class BasicBlock(nn.Module):
         self.bn2 = BatchNorm2d(out_ch)
         self.stride, self.pad = stride, out_ch - in_ch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, saved: list | None = None) -> torch.Tensor:
+        if saved is not None:  # the same, keeping what the tangent pass needs (mwn.core.tangents)
+            c1 = self.conv1(x)
+            b1, *stats1 = self.bn1.with_stats(c1)
+            r1 = F.relu(b1)
+            c2 = self.conv2(r1)
+            b2, *stats2 = self.bn2.with_stats(c2)
+            out = F.relu(b2 + self.shortcut(x))
+            saved.append((c1, stats1, r1, c2, stats2, out))
+            return out
         out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        shortcut = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
-        if self.pad:  # option A: no parameters, the extra channels are zeros
-            half = self.pad // 2
-            shortcut = F.pad(shortcut, (0, 0, 0, 0, half, self.pad - half))
-        return F.relu(out + shortcut)
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+    def shortcut(self, x: torch.Tensor) -> torch.Tensor:
+        """Option A: subsample, and zero channels for the extra width (no parameters)."""
+        x = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+        if not self.pad:
+            return x
+        half = self.pad // 2
+        return F.pad(x, (0, 0, 0, 0, half, self.pad - half))
 
 
 class ResNet(nn.Module):
@@ -72,10 +84,21 @@ class ResNet(nn.Module):
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.bn(self.conv(x)))
-        x = self.blocks(x)
-        return self.fc(x.mean(dim=(2, 3)))  # global average pool: (B, C)
+    def forward(self, x: torch.Tensor, saved: list | None = None) -> torch.Tensor:
+        """Logits; with `saved`, the activations the tangent pass reuses are appended to it
+        (mwn.core.tangents: the exact meta-gradient's dot products without a second forward)."""
+        if saved is None:
+            x = F.relu(self.bn(self.conv(x)))
+            return self.fc(self.blocks(x).mean(dim=(2, 3)))  # global average pool: (B, C)
+        c = self.conv(x)
+        b, *stats = self.bn.with_stats(c)
+        a = F.relu(b)
+        saved.append((x, c, stats, a))
+        for block in self.blocks:
+            a = block(a, saved)
+        pooled = a.mean(dim=(2, 3))
+        saved.append(pooled)
+        return self.fc(pooled)
 
 
 class WideBlock(nn.Module):

@@ -35,6 +35,7 @@ from mwn.core.optim import (
     sgd_step,
 )
 from mwn.core.sums import LOCAL, Reduce, Sums, scaler_init
+from mwn.core.tangents import loss_tangent
 from mwn.core.types import Batch, Tensors
 
 # torch.func's JVP of batch norm scripts a decomposition once; torch warns about its own use
@@ -155,18 +156,24 @@ def per_sample_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     amp: torch.dtype | None = None,
+    saved: list | None = None,
 ) -> tuple[torch.Tensor, Tensors]:
     """Cross-entropy per sample (B,) in training mode, and the BatchNorm buffers it updated;
     the forward under autocast to `amp` (float16, bfloat16) when given, the loss in fp32.
+    With `saved` (a model that saves activations, mwn.core.tangents), the model's activations
+    and then the logits are appended to it.
 
     BatchNorm writes its running statistics in place into the buffers it is given, so it gets
     copies: the caller's buffers stay untouched and the updated ones come back explicitly.
     """
     new_buffers = {k: v.clone() for k, v in buffers.items()}
     with torch.autocast(x.device.type, dtype=amp or torch.float16, enabled=amp is not None):
-        logits = functional_call(model, (params, new_buffers), (x,), strict=True)
+        kwargs = {} if saved is None else {"saved": saved}
+        logits = functional_call(model, (params, new_buffers), (x,), kwargs, strict=True)
     if amp is not None:
         logits = logits.float()  # the loss itself in fp32
+    if saved is not None:
+        saved.append(logits)
     return F.cross_entropy(logits, y, reduction="none"), new_buffers
 
 
@@ -201,11 +208,15 @@ def scaled_tangent(g: Tensors, scale: float | Tensors) -> tuple[Tensors, float]:
     return g, scale
 
 
-def loss_dots(model, params, buffers, batch: Batch, g: Tensors, hp: StepHP, sums: Sums):
+def loss_dots(model, params, buffers, batch: Batch, g: Tensors, hp: StepHP, sums: Sums, saved=None):
     """(J g, t): the dot products g . grad_w L_i(w) for every sample i, all in one forward-mode
-    JVP of the loss vector, times t (the factor `Sums.tangent` scaled g by; 1.0 in fp32)."""
+    JVP of the loss vector, times t (the factor `Sums.tangent` scaled g by; 1.0 in fp32). With
+    the activations the training forward `saved` at these parameters, the tangent pass alone
+    (mwn.core.tangents), without the primal forward."""
     x, y = batch
     tangent, t = sums.tangent(g)
+    if saved is not None:
+        return loss_tangent(model, params, saved, y, tangent), t
     # BatchNorm's cheaper forward-mode rule (mwn.core.batchnorm); attention by its composite
     # kernel (the fused CPU and flash kernels of scaled_dot_product_attention have no forward AD)
     with jvp_rule(), sdpa_kernel(SDPBackend.MATH):
