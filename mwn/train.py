@@ -9,7 +9,6 @@ rank trains on its shard of each global batch and rank 0 alone validates and wri
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
 import sys
@@ -43,7 +42,7 @@ from mwn.run import folder
 from mwn.run.folder import KNOWN_ERRORS, NonFinite, Preempted, exit_code, fail_job, run_folder
 from mwn.run.launch import train
 from mwn.run.loop import Member
-from mwn.run.ranks import process_group, ranks_from_env
+from mwn.run.ranks import finish, process_group, ranks_from_env
 from mwn.run.recorder import result_line
 
 __all__ = ["main", "train"]
@@ -86,17 +85,6 @@ def main(cfg: DictConfig) -> float | None:
     return summary["final_test_acc"]
 
 
-def leave_at_once(code: int) -> None:
-    """Exit without the interpreter's teardown, for a torchrun rank whose work is done: what
-    that teardown frees includes gloo's transport (threads, sockets), and a rank has been seen
-    to abort after finishing ("terminate called without an active exception", exit -6) while
-    another was still writing. Everything the run leaves is written; flush what is buffered."""
-    logging.shutdown()  # Hydra's file handlers: train.log complete
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def finished_job(member: Member) -> None:
     """A vectorised group's run is done: its plots and its labelled result line."""
     plot_run_or_note(member.run.out_dir)
@@ -124,10 +112,8 @@ if __name__ == "__main__":
         sys.argv += QUIET_RANK
     register_launcher()
     folder.hydra_files_on_a_full_disk()
-    # run the task from the importable module, not __main__: parallel launchers (joblib,
-    # submitit) pickle it, and a function of __main__ would be pickled by value, globals and all
+    # the importable module's task, not __main__'s: joblib and submitit pickle it by reference
     from mwn.train import main as importable_main
 
     importable_main()
-    if ranks.torchrun:  # a finished rank: its files written, its process group destroyed
-        leave_at_once(0)
+    finish(ranks)  # a finished torchrun rank leaves without the interpreter's teardown
