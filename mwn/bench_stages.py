@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from torch.func import vjp
 
-from mwn.core.meta import difference_dots
+from mwn.core.meta import difference_dots, training_forward
 from mwn.core.optim import adam_step
 from mwn.core.step import (
     StepHP,
@@ -42,7 +42,6 @@ from mwn.core.step import (
     scaled_tangent,
 )
 from mwn.core.sums import LOCAL
-from mwn.core.tangents import saves_activations
 
 STAGES = (
     "forward_vjp",
@@ -68,18 +67,10 @@ def staged_iteration(
         raise ValueError(
             f"meta_grad={hp.meta_grad}: the profile takes jvp | finite_difference, fp32"
         )
-    (x, y), (xm, ym) = batch, meta_batch
+    (_, y), (xm, ym) = batch, meta_batch
     params, buffers, constants = state["params"], state["buffers"], run_constants(state)
     sums, n = hp.sums(state, LOCAL), y.shape[0]
-    keep = hp.meta_grad == "jvp" and saves_activations(model, None)
-
-    def forward(p):
-        saved = [] if keep else None
-        losses, new_buffers = per_sample_loss(model, p, buffers, x, y, None, saved)
-        return losses, (new_buffers, saved or [])
-
-    losses, pullback, (new_buffers, saved) = vjp(forward, params, has_aux=True)
-    saved = saved or None
+    losses, pullback, new_buffers, saved = training_forward(model, state, batch, hp)
     mark("forward_vjp")
     weights, weights_pullback = vjp(
         lambda th: sample_weights(meta_net, th, losses, y, constants, hp.normalize_weights),

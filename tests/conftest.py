@@ -111,3 +111,14 @@ def step_hp(**changes):
     from mwn.core.step import StepHP
 
     return replace(StepHP.from_config(make_cfg()), **changes)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny float64 models (`pytestmark`): with two,
+    OpenMP's spinning threads made tests/test_meta.py 10x slower (73 s against 7 s) while
+    another process shared the two cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

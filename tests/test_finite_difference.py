@@ -25,13 +25,7 @@ from mwn.core.step import init_state
 
 from conftest import FAST, make_cfg, rel_err, run_cli
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth_setup(seed: int, optimizer: str):

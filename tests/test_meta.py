@@ -34,14 +34,7 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these tiny float64 models: with two, OpenMP's spinning threads
-    made this file 10x slower (73 s against 7 s) while another process shared the two cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def hp_for(variant="nesterov+wd", normalize=True, **changes):

@@ -57,19 +57,26 @@ class MetaGrad(NamedTuple):
     ahead: tuple[Tensors, dict]
 
 
-def train_pass(model, meta_net, state: dict, batch: Batch, hp: StepHP, reduce: Reduce):
-    """Losses at w with their VJP, and the meta-net's weights with theirs."""
+def training_forward(model, state: dict, batch: Batch, hp: StepHP):
+    """(losses L_i(w), their VJP, the BatchNorm buffers after the batch, the activations saved
+    for the tangent pass or None): with meta_grad=jvp, a model that has a tangent pass keeps
+    what it needs (mwn.core.tangents)."""
     x, y = batch
-    constants = run_constants(state)
     keep = hp.meta_grad == "jvp" and saves_activations(model, hp.amp)
 
     def forward(p):
-        saved = [] if keep else None  # (aux may not hold None: [] then)
+        saved = [] if keep else None
         losses, new_buffers = per_sample_loss(model, p, state["buffers"], x, y, hp.amp, saved)
-        return losses, (new_buffers, saved or [])
+        return losses, (new_buffers, saved or [])  # (aux may not hold None)
 
     losses, pullback, (new_buffers, saved) = vjp(forward, state["params"], has_aux=True)
-    saved = saved or None
+    return losses, pullback, new_buffers, saved or None
+
+
+def train_pass(model, meta_net, state: dict, batch: Batch, hp: StepHP, reduce: Reduce):
+    """Losses at w with their VJP, and the meta-net's weights with theirs."""
+    y, constants = batch[1], run_constants(state)
+    losses, pullback, new_buffers, saved = training_forward(model, state, batch, hp)
     weights, weights_pullback = vjp(
         lambda th: sample_weights(meta_net, th, losses, y, constants, hp.normalize_weights, reduce),
         state["meta_params"],

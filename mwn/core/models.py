@@ -23,6 +23,15 @@ from mwn.core.batchnorm import BatchNorm2d
 from mwn.core.types import Tensors
 
 
+def normalised(bn: BatchNorm2d, c: torch.Tensor, saved: list | None):
+    """bn(c), and with `saved` (a forward for the tangent pass) its batch statistics (mean,
+    1 / std) too, from the same kernel; None without."""
+    if saved is None:
+        return bn(c), None
+    y, mean, invstd = bn.with_stats(c)
+    return y, (mean, invstd)
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convs with BatchNorm; option-A shortcut (subsample, zero-pad channels)."""
 
@@ -35,17 +44,15 @@ class BasicBlock(nn.Module):
         self.stride, self.pad = stride, out_ch - in_ch
 
     def forward(self, x: torch.Tensor, saved: list | None = None) -> torch.Tensor:
-        if saved is not None:  # the same, keeping what the tangent pass needs (mwn.core.tangents)
-            c1 = self.conv1(x)
-            b1, *stats1 = self.bn1.with_stats(c1)
-            r1 = F.relu(b1)
-            c2 = self.conv2(r1)
-            b2, *stats2 = self.bn2.with_stats(c2)
-            out = F.relu(b2 + self.shortcut(x))
+        c1 = self.conv1(x)
+        b1, stats1 = normalised(self.bn1, c1, saved)
+        r1 = F.relu(b1)
+        c2 = self.conv2(r1)
+        b2, stats2 = normalised(self.bn2, c2, saved)
+        out = F.relu(b2 + self.shortcut(x))
+        if saved is not None:  # what the tangent pass needs (mwn.core.tangents)
             saved.append((c1, stats1, r1, c2, stats2, out))
-            return out
-        out = F.relu(self.bn1(self.conv1(x)))
-        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return out
 
     def shortcut(self, x: torch.Tensor) -> torch.Tensor:
         """Option A: subsample, and zero channels for the extra width (no parameters)."""
@@ -87,17 +94,16 @@ class ResNet(nn.Module):
     def forward(self, x: torch.Tensor, saved: list | None = None) -> torch.Tensor:
         """Logits; with `saved`, the activations the tangent pass reuses are appended to it
         (mwn.core.tangents: the exact meta-gradient's dot products without a second forward)."""
-        if saved is None:
-            x = F.relu(self.bn(self.conv(x)))
-            return self.fc(self.blocks(x).mean(dim=(2, 3)))  # global average pool: (B, C)
         c = self.conv(x)
-        b, *stats = self.bn.with_stats(c)
+        b, stats = normalised(self.bn, c, saved)
         a = F.relu(b)
-        saved.append((x, c, stats, a))
+        if saved is not None:
+            saved.append((x, c, stats, a))
         for block in self.blocks:
             a = block(a, saved)
-        pooled = a.mean(dim=(2, 3))
-        saved.append(pooled)
+        pooled = a.mean(dim=(2, 3))  # global average pool: (B, C)
+        if saved is not None:
+            saved.append(pooled)
         return self.fc(pooled)
 
 

@@ -94,18 +94,14 @@ def process_group(ranks: Ranks, timeout_min: float = 30) -> Iterator[Ranks]:
 
 
 def finish(ranks: Ranks) -> None:
-    """The end of a finished run's process: a torchrun rank leaves at once (`leave_at_once`),
-    a plain process returns to the interpreter."""
-    if ranks.torchrun:
-        leave_at_once(0)
-
-
-def leave_at_once(code: int) -> None:
-    """Exit without the interpreter's teardown, for a torchrun rank whose work is done: what
-    that teardown frees includes gloo's transport (threads, sockets), and a rank has been seen
-    to abort after finishing ("terminate called without an active exception", exit -6) while
-    another was still writing. Everything the run leaves is written; flush what is buffered."""
+    """The end of a finished run's process. A torchrun rank exits without the interpreter's
+    teardown: what that teardown frees includes gloo's transport (threads, sockets), and a rank
+    has been seen to abort after finishing ("terminate called without an active exception",
+    exit -6) while another was still writing. Everything the run leaves is written; what is
+    buffered is flushed first. A plain process returns to the interpreter."""
+    if not ranks.torchrun:
+        return
     logging.shutdown()  # Hydra's file handlers: train.log complete
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)
+    os._exit(0)
