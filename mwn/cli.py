@@ -112,6 +112,8 @@ def check_command_line(argv: list[str], conf_dir: Path) -> str | None:
         added = arg.startswith("+") and key not in GROUPS and not free
         if added and key not in schema_keys():  # Hydra would add a misspelt key with + or ++
             return f"{arg}: Key '{key}' not in 'Config' (+ and ++ add no new settings)"
+        if sep and key == "experiment" and not arg.startswith("+"):
+            return f"{arg}: an experiment is added to the defaults; write +experiment={value}"
         if sep and key in GROUPS and dirs is not None:
             allowed = sorted({p.stem for d in dirs for p in (d / key).glob("*.yaml")})
             for v in value.split(","):

@@ -39,11 +39,11 @@ from mwn.cli import QUIET_RANK, check_command_line, check_ranks
 from mwn.config import CONF_DIR, check_schedule_overrides, register_schema
 from mwn.report import plot_run_or_note
 from mwn.run import folder
+from mwn.run.files import result_line
 from mwn.run.folder import KNOWN_ERRORS, NonFinite, Preempted, exit_code, fail_job, run_folder
 from mwn.run.launch import train
 from mwn.run.loop import Member
 from mwn.run.ranks import finish, process_group, ranks_from_env
-from mwn.run.recorder import result_line
 
 __all__ = ["main", "train"]
 
@@ -79,8 +79,8 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(3 if isinstance(e, NonFinite) else 2)
     if summary is None:  # a rank other than 0
         return None
-    plot_run_or_note(run_folder(cfg, out_dir))
-    print(result_line(summary), flush=True)
+    plot_run_or_note(done := run_folder(cfg, out_dir).absolute())
+    print(f"run folder {done}\n{result_line(summary)}", flush=True)
     FINISHED.append(out_dir)  # a Ctrl-C from here on does not undo the run
     return summary["final_test_acc"]
 

@@ -81,6 +81,11 @@ def test_a_module_that_does_not_fit_is_refused_in_one_line(user_pkg, target, arg
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("preset", ["resnet8", "resnet32", "wrn28_10", "resnet18", "resnet50"])
+def test_a_preset_is_named_by_its_option_in_the_log_and_summary(preset):
+    assert model_name(make_cfg(f"model={preset}").model) == preset
+
+
 def test_the_torchvision_presets_build_for_rgb_data():
     for preset, params in (("resnet18", 11_181_642), ("resnet50", 23_528_522)):
         cfg = make_cfg(f"model={preset}")

@@ -3,9 +3,11 @@ before Hydra starts: each through the real command line."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from conftest import FAST, run_cli
+from conftest import FAST, ROOT, run_cli
 
 
 @pytest.mark.parametrize("flag", [["--cfg", "job"], ["-c", "job"], ["--cfg=job"]])
@@ -33,10 +35,8 @@ def test_bare_info_and_help(tmp_path):
     info = run_cli("--info", cwd=tmp_path)
     assert info.returncode == 0, info.stderr
     assert "Config search path" in info.stdout
-    for flag in ("--help", "-h"):
-        r = run_cli(flag, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
-        assert "Powered by Hydra" in r.stdout and "== Config ==" in r.stdout
+    r = run_cli("-h", cwd=tmp_path)  # --help: below
+    assert r.returncode == 0 and r.stdout.startswith("mwn: train an image classifier"), r.stderr
     hydra_help = run_cli("--hydra-help", cwd=tmp_path)
     assert hydra_help.returncode == 0 and "Hydra (" in hydra_help.stdout
 
@@ -129,3 +129,39 @@ def test_multirun_long_form_and_a_user_config_folder(tmp_path):
         "mwn: error: model=tiny: allowed values are "
         "resnet18 | resnet32 | resnet50 | resnet8 | vit_tiny | wrn28_10"
     )
+
+
+def test_the_config_comments_name_every_option_of_each_group():
+    """conf/config.yaml's defaults list says, beside each group, every option it has."""
+    lines = (ROOT / "conf" / "config.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        found = re.match(r"  - (\w+): \w+ +#(.*)", line)
+        if not found:
+            continue
+        group, comment = found.group(1), found.group(2)
+        for more in lines[i + 1 :]:  # the comment's continuation lines
+            if not re.match(r" {20,}#", more):
+                break
+            comment += more
+        options = {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")}
+        missing = {o for o in options if not re.search(rf"\b{o}\b", comment)}
+        assert not missing, f"conf/config.yaml: the {group} comment leaves out {missing}"
+
+
+def test_help_says_what_mwn_is_and_lists_the_groups_and_experiments(tmp_path):
+    r = run_cli("--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("mwn: train an image classifier with Meta-Weight-Net")
+    experiments = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+    assert f"experiment: {', '.join(experiments)}" in r.stdout
+    assert "+experiment=NAME" in r.stdout and "docs/" in r.stdout
+
+
+def test_an_experiment_without_plus_says_to_add_it(tmp_path):
+    r = run_cli("experiment=long_tail_cifar10", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "mwn: error: experiment=long_tail_cifar10: an experiment is added to the defaults; "
+        "write +experiment=long_tail_cifar10"
+    )
+    assert not (tmp_path / "outputs").exists()

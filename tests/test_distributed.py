@@ -216,7 +216,9 @@ def torchrun_run(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("torchrun") / "run"
     proc = torchrun(folder)
     assert proc.returncode == 0, failed(proc)
-    assert proc.stdout.count("IF 20 || Best Acc. (on test)") == 1  # rank 0 alone reports
+    assert (
+        proc.stdout.count("on digits, long tail IF 20: final test acc") == 1
+    )  # rank 0 alone reports
     return folder
 
 

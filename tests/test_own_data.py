@@ -17,8 +17,8 @@ from mwn import weights as weights_cli
 from mwn.data.build import build_data
 from mwn.data.images import DataError
 from mwn.run.evaluate import class_scores, predict
+from mwn.run.files import result_line
 from mwn.run.launch import train
-from mwn.run.recorder import result_line
 from mwn.run.trained import load_model, load_trained, rebuild
 
 from conftest import make_cfg
@@ -77,8 +77,8 @@ def test_a_long_tailed_folder_trains_as_it_is_and_names_its_classes(tmp_path):
     assert summary["classes"] == list(CLASSES)
     assert summary["best_on"] == "test"
     line = result_line(summary)
-    assert line.startswith("IF 28 (the data's own) || Best Acc. (on test): ")
-    assert "Balanced Acc.: " in line
+    assert line.startswith("mwn resnet8 on flowers, the data's own counts (IF 28): final test acc ")
+    assert ", highest test acc (iter " in line and " | final balanced acc " in line
     per_class = rows(out / "per_class.csv")
     assert [r["name"] for r in per_class] == list(CLASSES)
     assert [int(r["train_images"]) for r in per_class] == [28, 4, 1]
@@ -180,7 +180,7 @@ def test_best_is_chosen_on_validation_and_reports_test_accuracy_there(tmp_path):
     assert summary["best_iter"] == by_val["iter"] != by_test["iter"]
     assert summary["best_test_acc"] == by_val["test_acc"] < by_test["test_acc"]
     assert summary["best_val_acc"] == by_val["val_acc"]
-    assert "Best Acc. (at the best val acc): " in result_line(summary)
+    assert f"test acc at the best val acc (iter {by_val['iter']})" in result_line(summary)
 
 
 def test_balanced_accuracy_and_macro_f1_match_hand_computed_values():

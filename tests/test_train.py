@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from mwn import config
 from mwn.cli import check_command_line
 from mwn.config import CONF_DIR, ConfigError
+from mwn.run.files import result_line
 from mwn.run.launch import train
-from mwn.run.recorder import result_line
 
 from conftest import FAST, ROOT, make_cfg, run_cli, write_cifar
 
@@ -128,7 +128,9 @@ def test_a_short_run_writes_metrics_and_summary(tmp_path):
     # many (> 100 images): class 0 only; few (< 20): classes 6-9
     assert summary["final_many_acc"] == summary["final_per_class_acc"][0]
     assert summary["final_few_acc"] == pytest.approx(sum(summary["final_per_class_acc"][6:]) / 4)
-    assert result_line(summary).startswith("IF 20 || Best Acc. (on test): ")
+    assert result_line(summary).startswith(
+        "mwn resnet8 on digits, long tail IF 20: final test acc "
+    )
 
 
 def test_runs_are_deterministic_and_erm_differs(tmp_path):
@@ -157,9 +159,23 @@ def test_cli_runs_the_real_cifar_path_end_to_end(tmp_path):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].startswith("IF 100 || Best Acc. (on test): ")
+    assert (
+        proc.stdout.strip()
+        .splitlines()[-1]
+        .startswith("mwn resnet32 on cifar10, long tail IF 100: final ")
+    )
+    # the run folder, named as it starts (the log) and as it ends (above the result line)
+    assert proc.stdout.strip().splitlines()[-2] == f"run folder {out}"
+    assert f"[INFO] - run folder {out}\n" in (out / "train.log").read_text()
+    assert not (out / ".lock").exists()  # a finished run leaves no lock file behind
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dataset"] == "cifar10" and summary["test_size"] == 30
+    again = run_cli(str(out), "--no-plots", cwd=tmp_path, module="mwn.report")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.splitlines() == [
+        f"{out}: plots not rebuilt (--no-plots)",
+        proc.stdout.strip().splitlines()[-1],
+    ]
     assert summary["train_class_counts"] == [100, 59, 35, 21, 12, 7, 4, 2, 1, 1]
     assert (out / ".hydra" / "config.yaml").is_file() and (out / "train.log").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2

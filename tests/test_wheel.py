@@ -78,7 +78,11 @@ def test_the_wheel_carries_the_configs_and_the_launcher(wheel_env, tmp_path):
 def test_the_wheel_runs_the_default_command_and_a_vmap_sweep_outside_the_repo(wheel_env, tmp_path):
     one = _run(wheel_env, "-m", "mwn.train", *TINY, cwd=tmp_path)
     assert one.returncode == 0, one.stderr
-    assert one.stdout.strip().splitlines()[-1].startswith("IF 20 || Best Acc. (on test):")
+    assert (
+        one.stdout.strip()
+        .splitlines()[-1]
+        .startswith("mwn resnet8 on digits, long tail IF 20: final test acc")
+    )
     assert len(list((tmp_path / "outputs").glob("*/*/summary.json"))) == 1
     _vmap_sweep(wheel_env, tmp_path)
 

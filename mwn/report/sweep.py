@@ -356,12 +356,21 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.paper and runs == [path]:
         parser.error(f"--paper compares a sweep's table; {path} is a run folder")
-    if not args.no_plots:
+    if args.no_plots:
+        print(f"{path}: plots not rebuilt (--no-plots)")
+    else:
         for run in runs:
             if (run / METRICS).is_file():
                 for p in plot_run_or_note(run):
                     print(p)
-    if runs != [path]:
+    if runs == [path]:  # a run folder: its result, or that it has none yet
+        from mwn.run.files import result_line
+
+        if (path / SUMMARY).is_file():
+            print(result_line(current_names(json.loads((path / SUMMARY).read_text()))))
+        else:
+            print(f"{path}: no {SUMMARY} yet (the run has not finished)")
+    else:
         text, _ = write_sweep_summary(path, with_paper=args.paper)
         print(text)
         print(path / "summary.md")

@@ -63,6 +63,7 @@ def build_run(cfg: DictConfig, out_dir: Path, ranks: Ranks) -> Run:
     out_dir = ranks.broadcast(out_dir.absolute())  # rank 0's; it must be on a shared filesystem
     if ranks.main:
         out_dir.mkdir(parents=True, exist_ok=True)
+        log.info("run folder %s", out_dir)
     else:  # the other ranks only train: warnings and errors are all they log
         logging.getLogger("mwn").setLevel(logging.WARNING)
     if cfg.deterministic:  # bit-identical reruns on CUDA too, at some cost in speed

@@ -51,3 +51,35 @@ def shot_group(train_count: int) -> str:
 
 WEIGHT_FN_LOSSES = [i / 5 for i in range(51)]  # 0, 0.2, ..., 10: where the weighting is drawn
 NOISE_KEYS = ("weight_clean", "weight_noisy", "noise_auc")  # label noise: how weights separate
+
+
+def setting_name(summary: dict) -> str:
+    """What the run trained on, in words: the dataset, its long tail (or its own counts) and its
+    label noise, e.g. `digits, long tail IF 20` or `cifar10, uniform noise 0.4`."""
+    parts = [str(summary.get("dataset", "data"))]
+    if summary.get("imbalance") is None and "imbalance_ratio" in summary:
+        parts.append(f"the data's own counts (IF {summary['imbalance_ratio']:.4g})")
+    elif summary.get("imbalance", 1) > 1:
+        parts.append(f"long tail IF {summary['imbalance']:g}")
+    if summary.get("noise", "none") != "none":
+        parts.append(f"{summary['noise']} noise {summary['noise_rate']:g}")
+    elif len(parts) == 1:
+        parts.append("balanced")
+    return ", ".join(parts)
+
+
+def result_line(summary: dict) -> str:
+    """The run's one line: what it trained (method, model, setting), the final test accuracy,
+    the best one (saying what "best" was chosen on) and, when known, the final balanced one."""
+    if summary.get("best_on") == "val":
+        best = f"test acc at the best val acc (iter {summary['best_iter']})"
+    else:
+        best = f"highest test acc (iter {summary['best_iter']})"
+    line = (
+        f"{summary.get('method', 'mwn')} {summary.get('model', '')} on {setting_name(summary)}: "
+        f"final test acc {summary['final_test_acc']:.2f} | best {summary['best_test_acc']:.2f}, "
+        f"{best}"
+    )
+    if summary.get("final_test_balanced_acc") is not None:
+        line += f" | final balanced acc {summary['final_test_balanced_acc']:.2f}"
+    return line

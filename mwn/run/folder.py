@@ -140,7 +140,8 @@ def check_resumable(cfg: DictConfig, folder: Path) -> None:
 def hold(folder: Path):
     """An exclusive OS lock on the run folder (its `.lock` file, which names the holder's PID)
     for the block: a second run in the same folder stops with one line instead of writing
-    beside the first. The OS releases it when the process dies, however it dies."""
+    beside the first. The OS releases it when the process dies, however it dies; a run that
+    ends removes the file."""
     with open(folder / LOCK, "a+") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -157,7 +158,9 @@ def hold(folder: Path):
         f.flush()
         try:
             yield
-        finally:
+        finally:  # the file goes while still held, so no finished folder keeps a stale one
+            with contextlib.suppress(OSError):
+                (folder / LOCK).unlink()
             fcntl.flock(f, fcntl.LOCK_UN)
 
 

@@ -19,9 +19,12 @@ from mwn.core.models import build_classifier
 
 
 def model_name(model: DictConfig) -> str:
-    """A short name: resnet32, wrn28, resnet18 (the target's last part, or timm's model_name)."""
+    """A short name, the same in the log and summary.json: a built-in's preset name (resnet32,
+    wrn28_10: depth and widen factor), else the target's last part (resnet18) or timm's
+    model_name."""
     if model._target_ is None:
-        return f"{model.arch}{model.depth}"
+        widen = f"_{model.width // 16}" if model.arch == "wrn" else ""
+        return f"{model.arch}{model.depth}{widen}"
     name = model.args.get("model_name") if model.args else None
     return str(name or model._target_.rsplit(".", 1)[-1])
 

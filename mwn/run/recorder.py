@@ -432,20 +432,3 @@ def write_class_tables(out_dir: Path, data, last: dict) -> None:
         w.writerow(["true \\ predicted", *data.classes])
         for name, row in zip(data.classes, last["confusion"]):
             w.writerow([name, *row])
-
-
-def result_line(summary: dict) -> str:
-    """The run's one line: the imbalance, the best test accuracy (saying what "best" was chosen
-    on), the final test accuracy and, when known, the final balanced accuracy."""
-    if summary.get("imbalance") is None and "imbalance_ratio" in summary:
-        imbalance = f"{summary['imbalance_ratio']:.4g} (the data's own)"
-    else:
-        imbalance = f"{summary['imbalance']:g}"
-    on = "at the best val acc" if summary.get("best_on") == "val" else "on test"
-    line = (
-        f"IF {imbalance} || Best Acc. ({on}): {summary['best_test_acc']:.2f} || "
-        f"Final Acc.: {summary['final_test_acc']:.2f}"
-    )
-    if summary.get("final_test_balanced_acc") is not None:
-        line += f" || Balanced Acc.: {summary['final_test_balanced_acc']:.2f}"
-    return line
