@@ -57,17 +57,17 @@ DataLoad = Choice("DataLoad", [(v, v) for v in ("auto", "memory", "stream")])
 
 @dataclass
 class DatasetConfig:
-    name: DatasetName = MISSING
+    name: DatasetName = MISSING  # which data: the dataset group (dataset=NAME) sets it
     root: str = MISSING  # folder of downloaded datasets, relative to the launch directory
-    download: bool = MISSING
+    download: bool = MISSING  # let torchvision download CIFAR / Fashion-MNIST when missing
     image_size: Optional[int] = None  # noqa: UP045  image_folder: resize every image to N x N
-    mean: Optional[list[float]] = MISSING  # noqa: UP045  per channel, pixel scale 0..1; null:
-    std: Optional[list[float]] = MISSING  # noqa: UP045  computed from the training split
+    mean: Optional[list[float]] = MISSING  # noqa: UP045  per channel, 0..1; null: from the data
+    std: Optional[list[float]] = MISSING  # noqa: UP045  per channel; null: from the training split
     crop_padding: int = MISSING  # random crop with this zero padding (pixels); 0 = none
     flip: bool = MISSING  # random horizontal flip
     # image_folder: decoded into memory, or streamed from disk by DataLoader workers
     load: DataLoad = DataLoad.auto  # auto: stream when decoded it exceeds memory_budget_gb
-    memory_budget_gb: float = 8.0
+    memory_budget_gb: float = 8.0  # load=auto streams a set that decoded exceeds this (GB)
     workers: int = 2  # decoding processes of the streaming path
 
 
@@ -75,12 +75,12 @@ class DatasetConfig:
 class ModelConfig:
     # a built-in classifier (conf/model/resnet32.yaml, ...):
     arch: Optional[Arch] = None  # noqa: UP045  a key of mwn.core.models.CLASSIFIERS
-    depth: Optional[int] = None  # noqa: UP045
+    depth: Optional[int] = None  # noqa: UP045  layers: 6n + 2 (resnet), 6n + 4 (wrn)
     width: Optional[int] = None  # noqa: UP045  channels of the first stage (x2 per later stage)
     # or any nn.Module (conf/model/resnet18.yaml, ...): an importable class or factory, called
     # with `args` and num_classes=<the data's> when it takes that argument; it wins over arch
-    _target_: Optional[str] = None  # noqa: UP045
-    args: dict[str, Any] = field(default_factory=dict)
+    _target_: Optional[str] = None  # noqa: UP045  any nn.Module: my_pkg.nets.MyNet
+    args: dict[str, Any] = field(default_factory=dict)  # _target_'s arguments: +model.args.K=V
 
 
 @dataclass
@@ -92,7 +92,7 @@ class MetaNetConfig:
 
 @dataclass
 class DeviceConfig:
-    name: Device = MISSING
+    name: Device = MISSING  # auto: cuda if available, else mps, else cpu
 
 
 @dataclass

@@ -32,6 +32,9 @@ def _no_constants(counts: list[int], hp: StepHP) -> Tensors:
 
 @dataclass(frozen=True)
 class Method:
+    """A training method (a `method=` value): its step functions, and what a run must give it
+    (a meta batch, a meta-net, run constants from the class counts)."""
+
     step: StepFn  # one iteration (with the meta update, for a method that has one)
     between: StepFn | None = None  # the iteration between meta updates; None: meta_interval=1
     meta_batch: bool = False  # reads the clean meta set (a meta batch every meta update)
@@ -92,6 +95,7 @@ METHODS: dict[str, Method] = {
     "class_balanced": Method(class_balanced_step, constants=class_balanced_constants),
     "l2rw": Method(l2rw_step, meta_batch=True),
 }
+"""The methods by name: the config's `method` values, and `MetaReweighter(method=...)`'s."""
 
 
 def build_steps(method: Method, schedule: Schedule, train_iters: int, wrap) -> dict:
