@@ -171,6 +171,19 @@ def _first(setting: str) -> str:
     return setting
 
 
+def in_a_child(module_and_args: list[str], cwd: Path, what: str) -> None:
+    """`python -m MODULE ARGS` in a fresh process; it must succeed."""
+    proc = subprocess.run(
+        [sys.executable, "-m", *module_and_args],
+        cwd=cwd,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, f"{what}\n{proc.stderr[-3000:]}"
+
+
 def run_command(
     words: list[str], cwd: Path, data: dict[str, Path], name: str, report_follows: bool
 ) -> None:
@@ -182,16 +195,7 @@ def run_command(
             args = [_first(a) for a in tiny([a for a in argv if a != "-m"], data)]
             args += ["hydra.sweep.dir=outputs/multirun/DATE/TIME"]  # a new one each time
             shutil.rmtree(cwd / "outputs" / "multirun", ignore_errors=True)
-            proc = subprocess.run(
-                [sys.executable, "-m", "mwn.train", "-m", *args],
-                cwd=cwd,
-                env=ENV,
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            assert proc.returncode == 0, f"{name}: {' '.join(words)}\n{proc.stderr[-3000:]}"
-            return
+            return in_a_child(["mwn.train", "-m", *args], cwd, f"{name}: {' '.join(words)}")
         from mwn.run.launch import train
 
         argv = [_first(a) for a in argv if a != "-m"]  # a sweep on its own: its first job
@@ -207,15 +211,8 @@ def run_command(
     elif words[0] == "torchrun":
         args = tiny(words[words.index("mwn.train") + 1 :], data) + ["hydra.run.dir=tr"]
         head = words[: words.index("-m")]
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", *head[1:], "-m", "mwn.train", *args],
-            cwd=cwd,
-            env=ENV,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert proc.returncode == 0, f"{name}: {' '.join(words)}\n{proc.stderr[-3000:]}"
+        module = ["torch.distributed.run", *head[1:], "-m", "mwn.train", *args]
+        in_a_child(module, cwd, f"{name}: {' '.join(words)}")
     else:
         pytest.fail(f"{name}: `{' '.join(words)}`: no way to run it here; mark the block")
 
