@@ -198,7 +198,12 @@ def test_a_vectorised_group_writes_what_single_runs_write(tmp_path, shared):
             assert {k: v.shape for k, v in sa["state"][part].items()} == {
                 k: v.shape for k, v in sb["state"][part].items()
             }
-            assert rel_err(sa["state"][part], sb["state"][part]) < 1e-4, (i, part)
+            # the momentum holds the newest gradient, where one unit whose input is within
+            # rounding of zero can take the other side of a ReLU with another CPU's kernels
+            # (7e-4 with PyTorch's AVX2 kernels, ATEN_CPU_CAPABILITY=avx2); another run's
+            # state is O(1) away, and the float64 test above holds the exactness
+            tol = 1e-2 if part == "momentum" else 1e-4
+            assert rel_err(sa["state"][part], sb["state"][part]) < tol, (i, part)
 
 
 def test_a_refused_job_of_a_group_leaves_its_hydra_files_as_its_checkpoints_kept(tmp_path):
